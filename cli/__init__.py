@@ -1,0 +1,1 @@
+"""The `qtoy` command line (installed as `qtoy_cli`): thin commands over qtoy_core."""

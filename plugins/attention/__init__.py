@@ -1,0 +1,46 @@
+"""Built-in attention mechanisms: quadratic (the polynomial default), bilinear, softmax (baseline)."""
+
+from typing import Literal
+
+from qtoy_core.components import AttentionConfig
+from qtoy_registry import hookimpl
+
+
+class QuadraticAttentionConfig(AttentionConfig):
+    """Quadratic attention: pattern = (q.k / d_head)^2 with a causal mask, no softmax."""
+
+    name: Literal["quadratic"] = "quadratic"
+    bias: bool = False
+    # plain: materialise the (T, T) pattern; chunked: the linear-time form; auto: whichever is
+    # faster for the sequence length (measured crossover, see qtoy_core.ops.quadratic).
+    impl: Literal["auto", "plain", "chunked"] = "auto"
+
+    @property
+    def is_polynomial(self) -> bool:
+        return True
+
+
+class BilinearAttentionConfig(AttentionConfig):
+    """Bilinear attention: pattern = (q1.k1)(q2.k2) / d_head^2, causal; quadratic is q1=q2, k1=k2."""
+
+    name: Literal["bilinear"] = "bilinear"
+    bias: bool = False
+    impl: Literal["auto", "plain", "chunked"] = "auto"
+
+    @property
+    def is_polynomial(self) -> bool:
+        return True
+
+
+class SoftmaxAttentionConfig(AttentionConfig):
+    """Standard softmax attention (scaled dot product, causal): the baseline for comparison."""
+
+    name: Literal["softmax"] = "softmax"
+    bias: bool = False
+
+
+@hookimpl
+def register_attentions(register):
+    register(QuadraticAttentionConfig, "qtoy_plugins.attention.quadratic:QuadraticAttention")
+    register(BilinearAttentionConfig, "qtoy_plugins.attention.bilinear:BilinearAttention")
+    register(SoftmaxAttentionConfig, "qtoy_plugins.attention.softmax:SoftmaxAttention")

@@ -1,0 +1,32 @@
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from qtoy_core.interfaces import ProjectedAttention, append_to_cache
+
+
+class SoftmaxAttention(ProjectedAttention):
+    """Standard causal softmax attention through F.scaled_dot_product_attention."""
+
+    def mix(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, state: dict | None, **_) -> Tensor:
+        if state is not None:
+            k, v = append_to_cache(state, k=k, v=v)
+        t_q, t_k = q.shape[2], k.shape[2]
+        if self.wants_pattern():
+            scores = self.hook_scores(q @ k.transpose(-1, -2) / self.d_head ** 0.5)
+            scores = scores.masked_fill(~self._mask(t_q, t_k, key_mask, q.device), float("-inf"))
+            return self.hook_pattern(scores.softmax(-1)) @ v
+        if key_mask is None and t_q == t_k:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self._mask(t_q, t_k, key_mask, q.device))
+
+    @staticmethod
+    def _mask(t_q: int, t_k: int, key_mask: Tensor | None, device) -> Tensor:
+        """(batch or 1, 1, t_q, t_k) bool: causal with queries at the last t_q positions; a padded
+        key is hidden, except from itself so no row is empty."""
+        causal = torch.ones(t_q, t_k, dtype=torch.bool, device=device).tril(t_k - t_q)
+        if key_mask is None:
+            return causal[None, None]
+        own = torch.eye(t_q, t_k, dtype=torch.bool, device=device).roll(t_k - t_q, dims=1) if t_q < t_k else \
+            torch.eye(t_q, t_k, dtype=torch.bool, device=device)
+        return (causal & (key_mask[:, None, None, :] | own))

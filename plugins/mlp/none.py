@@ -1,0 +1,16 @@
+import torch
+from torch import Tensor
+
+from qtoy_core.interfaces import MLP
+
+
+class NoMLP(MLP):
+    """Writes nothing. Attention-only model types never build it; it exists so 'none' is a name."""
+
+    out_proj = None
+
+    def __init__(self, model, config):
+        super().__init__()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.zeros_like(x)

@@ -1,0 +1,32 @@
+import torch
+from torch import Tensor
+
+from qtoy_core.interfaces import Positional
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RoPE(Positional):
+    """Rotary position embedding, rotate-half convention: the pair (i, i + d/2) of each query and
+    key rotates by angle position * base^(-2i/d). Scores then depend on positions only through
+    their offset."""
+
+    def __init__(self, model, config):
+        super().__init__()
+        d = model.d_head
+        inv_freq = 1.0 / (config.base ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+        # Not persistent: derived from the config, so checkpoints hold weights only.
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+
+    def angles(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """cos and sin, each (time, d_head), in float32."""
+        freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
+
+    def rotate(self, x: Tensor, positions: Tensor) -> Tensor:
+        cos, sin = self.angles(positions)
+        return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)

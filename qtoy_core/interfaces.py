@@ -1,0 +1,151 @@
+"""What each buildable component must provide (torch side; configs live in `components.py`).
+
+Components are plain `nn.Module`s with documented constructor and forward signatures. The model
+never branches on a component's name: it calls these methods and nothing else.
+
+Stable submodule names (hooks and checkpoints rely on them), for a model with layers i:
+  embed                      nn.Embedding (vocab, d_model): W_E
+  positional                 the positional encoding (learned: positional.W_pos)
+  blocks.{i}.ln1             norm before attention
+  blocks.{i}.attn            attention; its residual write is blocks.{i}.attn.out_proj
+  blocks.{i}.ln2             norm before the MLP   (transformer types only)
+  blocks.{i}.mlp             MLP; its residual write is blocks.{i}.mlp.out_proj
+  ln_final                   final norm
+  unembed                    nn.Linear (d_model -> vocab): W_U, tied to embed.weight by default
+Hook points (`HookPoint` modules) inside blocks: blocks.{i}.hook_resid_pre, hook_attn_out,
+hook_resid_mid, hook_mlp_out, hook_resid_post; in attention: attn.hook_q, hook_k, hook_v,
+hook_scores, hook_pattern, hook_z; in the bilinear MLP: mlp.hook_left, hook_right, hook_hidden.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from .config import ModelConfig
+
+
+class HookPoint(nn.Identity):
+    """An identity that names an activation, so `run_with_cache` and forward hooks can read it."""
+
+
+class Positional(nn.Module):
+    """Positional encoding. Built as `Cls(model_config, positional_config)`.
+
+    `embed` returns a term added to the residual stream (learned embeddings) or None; `rotate`
+    transforms queries and keys (RoPE) and is the identity otherwise.
+    """
+
+    def embed(self, positions: Tensor) -> Tensor | None:
+        return None
+
+    def rotate(self, x: Tensor, positions: Tensor) -> Tensor:
+        """x: (batch, heads, time, d_head); positions: (time,) absolute positions."""
+        return x
+
+
+class Attention(nn.Module):
+    """Causal attention. Built as `Cls(model_config, attention_config, layer)`.
+
+    forward(x, *, positional, positions, attention_mask=None, state=None) -> (batch, time, d_model)
+      x: (batch, time, d_model); positions: (time,) absolute positions of x's tokens;
+      attention_mask: (batch, keys) 1 for real tokens, 0 for padding (keys include cached ones);
+      state: a dict the module owns during cached generation (None when not generating).
+    Must own `out_proj` (the linear map writing to the residual stream; zero-initialised).
+    Optional capability: `tensor_network(...)` (see qtoy_core.analysis).
+    """
+
+    out_proj: nn.Linear
+
+
+class MLP(nn.Module):
+    """Position-wise MLP. Built as `Cls(model_config, mlp_config)`; forward(x) -> same shape.
+    Must own `out_proj` (zero-initialised), or set it to None when it writes nothing."""
+
+    out_proj: nn.Linear | None
+
+
+class Callback:
+    """A training callback. Built as `Cls(callback_config)`; override any of these."""
+
+    def on_train_start(self, trainer: Any) -> None: ...
+    def on_step_end(self, trainer: Any, metrics: dict) -> None: ...
+    def on_eval_end(self, trainer: Any, metrics: dict) -> None: ...
+    def on_checkpoint(self, trainer: Any, path: Any) -> None: ...
+    def on_train_end(self, trainer: Any, summary: dict) -> None: ...
+
+
+def split_heads(x: Tensor, n_head: int) -> Tensor:
+    """(batch, time, heads * d_head) -> (batch, heads, time, d_head)."""
+    b, t, _ = x.shape
+    return x.view(b, t, n_head, -1).transpose(1, 2)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    """(batch, heads, time, d_head) -> (batch, time, heads * d_head)."""
+    b, h, t, d = x.shape
+    return x.transpose(1, 2).reshape(b, t, h * d)
+
+
+def key_padding_mask(attention_mask: Tensor | None) -> Tensor | None:
+    """(batch, keys) 0/1 -> bool, or None when there is no padding."""
+    if attention_mask is None:
+        return None
+    return attention_mask.to(torch.bool)
+
+
+class ProjectedAttention(Attention):
+    """Shared plumbing for multi-head attentions with per-head q, k, v projections.
+
+    Owns q_proj, k_proj, v_proj (d_model -> n_head * d_head), out_proj (back to d_model) and the
+    hook points; subclasses implement `mix(q, k, v, key_mask, state)` -> z (batch, heads, time, d_head).
+    """
+
+    def __init__(self, model: "ModelConfig", config: Any, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_head, self.d_head = model.n_head, model.d_head
+        inner = model.n_head * model.d_head
+        bias = getattr(config, "bias", False)
+        self.q_proj = nn.Linear(model.d_model, inner, bias=bias)
+        self.k_proj = nn.Linear(model.d_model, inner, bias=bias)
+        self.v_proj = nn.Linear(model.d_model, inner, bias=bias)
+        self.out_proj = nn.Linear(inner, model.d_model, bias=bias)
+        self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
+        self.hook_scores, self.hook_pattern, self.hook_z = HookPoint(), HookPoint(), HookPoint()
+
+    def heads(self, proj: nn.Linear, x: Tensor, positional: Positional | None, positions: Tensor) -> Tensor:
+        """Project x and split heads; rotate when `positional` is given (queries and keys)."""
+        h = split_heads(proj(x), self.n_head)
+        return positional.rotate(h, positions) if positional is not None else h
+
+    def forward(self, x: Tensor, *, positional: Positional, positions: Tensor,
+                attention_mask: Tensor | None = None, state: dict | None = None) -> Tensor:
+        q = self.hook_q(self.heads(self.q_proj, x, positional, positions))
+        k = self.hook_k(self.heads(self.k_proj, x, positional, positions))
+        v = self.hook_v(self.heads(self.v_proj, x, None, positions))
+        z = self.mix(q, k, v, key_padding_mask(attention_mask), state, x=x, positional=positional,
+                     positions=positions)
+        return self.out_proj(merge_heads(self.hook_z(z)))
+
+    def mix(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, state: dict | None,
+            **inputs: Any) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement mix()")
+
+    def wants_pattern(self) -> bool:
+        """True when a hook reads scores or pattern, so the explicit (T, T) form must be computed."""
+        return bool(self.hook_scores._forward_hooks or self.hook_pattern._forward_hooks)
+
+
+def append_to_cache(state: dict, **tensors: Tensor) -> list[Tensor]:
+    """Concatenate new keys/values onto those cached in `state` (along time) and return them all."""
+    out = []
+    for name, t in tensors.items():
+        if name in state:
+            t = torch.cat((state[name], t), dim=2)
+        state[name] = t
+        out.append(t)
+    return out

@@ -1,0 +1,173 @@
+"""`ToyTransformer`: embedding, N blocks of (norm, attention, residual; norm, MLP, residual), final
+norm, unembedding (tied to the embedding by default). Components come from the registry.
+
+Submodule names are stable (see `qtoy_core.interfaces`); checkpoints and hooks rely on them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig
+from .interfaces import HookPoint
+from .registry_access import build_component
+
+INIT_STD = 0.02
+
+
+@dataclass
+class GenerationCache:
+    """State carried between calls during token-by-token generation.
+
+    `offset` is the number of tokens already processed; each attention layer keeps what it needs
+    (keys and values, or a recurrent state) in its own dict in `layers`.
+    """
+
+    n_layers: int
+    offset: int = 0
+    layers: list[dict] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            self.layers = [{} for _ in range(self.n_layers)]
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.ln1 = build_component(config.norm, config)
+        self.attn = build_component(config.attention, config, layer)
+        self.has_mlp = config.has_mlp
+        if self.has_mlp:
+            self.ln2 = build_component(config.norm, config)
+            self.mlp = build_component(config.mlp, config)
+        self.dropout = nn.Dropout(config.dropout)
+        self.hook_resid_pre = HookPoint()
+        self.hook_attn_out = HookPoint()
+        self.hook_resid_mid = HookPoint()
+        self.hook_mlp_out = HookPoint()
+        self.hook_resid_post = HookPoint()
+
+    def forward(self, x: Tensor, *, positional: nn.Module, positions: Tensor,
+                attention_mask: Tensor | None = None, state: dict | None = None) -> Tensor:
+        x = self.hook_resid_pre(x)
+        attn_out = self.attn(self.ln1(x), positional=positional, positions=positions,
+                             attention_mask=attention_mask, state=state)
+        x = self.hook_resid_mid(x + self.dropout(self.hook_attn_out(attn_out)))
+        if self.has_mlp:
+            x = x + self.dropout(self.hook_mlp_out(self.mlp(self.ln2(x))))
+        return self.hook_resid_post(x)
+
+
+def _model_hub_mixin() -> type:
+    from huggingface_hub import ModelHubMixin
+
+    return ModelHubMixin
+
+
+class ToyTransformer(nn.Module, _model_hub_mixin()):
+    """A toy transformer assembled from registered components.
+
+    `ToyTransformer(config)` then `load_state_dict(...)` restores a model; `from_pretrained(path or
+    hub id)` and `save_pretrained(dir)` read and write config.json + model.safetensors.
+    """
+
+    def __init__(self, config: ModelConfig | dict):
+        super().__init__()
+        config = ModelConfig.model_validate(config) if not isinstance(config, ModelConfig) else config
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.positional = build_component(config.positional, config)
+        self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layers))
+        self.ln_final = build_component(config.norm, config)
+        self.unembed = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
+        self.hook_embed = HookPoint()
+        self.hook_pos_embed = HookPoint()
+        self._init_weights()
+        if config.tie_embeddings:
+            self.unembed.weight = self.embed.weight
+
+    def _init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=INIT_STD)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        # Residual writers start at zero: every block begins as the identity.
+        for block in self.blocks:
+            writers = [block.attn.out_proj] + ([block.mlp.out_proj] if block.has_mlp else [])
+            for proj in writers:
+                if proj is None:
+                    continue
+                nn.init.zeros_(proj.weight)
+                if proj.bias is not None:
+                    nn.init.zeros_(proj.bias)
+
+    def forward(self, tokens: Tensor, attention_mask: Tensor | None = None, *,
+                cache: GenerationCache | None = None) -> Tensor:
+        """tokens: (batch, time) int64 -> logits (batch, time, vocab).
+
+        attention_mask: (batch, time) 1 for real tokens, 0 for padding (with a cache: covering the
+        cached tokens too). With `cache`, tokens continue the cached sequence.
+        """
+        offset = cache.offset if cache is not None else 0
+        positions = torch.arange(offset, offset + tokens.shape[1], device=tokens.device)
+        x = self.hook_embed(self.embed(tokens))
+        pos = self.positional.embed(positions)
+        if pos is not None:
+            x = x + self.hook_pos_embed(pos)
+        x = self.dropout(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, positional=self.positional, positions=positions, attention_mask=attention_mask,
+                      state=cache.layers[i] if cache is not None else None)
+        if cache is not None:
+            cache.offset += tokens.shape[1]
+        return self.unembed(self.ln_final(x))
+
+    def new_cache(self) -> GenerationCache:
+        return GenerationCache(len(self.blocks))
+
+    def loss(self, tokens: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Mean next-token cross-entropy of a (batch, time) sequence, over real tokens only."""
+        logits = self(tokens[:, :-1], None if attention_mask is None else attention_mask[:, :-1])
+        mask = None if attention_mask is None else attention_mask[:, 1:]
+        return cross_entropy(logits, tokens[:, 1:], mask)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # -- Hugging Face hub format (config.json + model.safetensors) ---------------------------------
+    def _save_pretrained(self, save_directory) -> None:
+        from .checkpoint import save_model_files
+
+        save_model_files(self, save_directory)
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision=None, cache_dir=None, force_download=False,
+                         local_files_only=False, token=None, config: Any = None, map_location: str = "cpu",
+                         strict: bool = True, **_: Any) -> "ToyTransformer":
+        from .checkpoint import load_model_files
+
+        return load_model_files(cls, model_id, document=config, map_location=map_location, strict=strict,
+                                revision=revision, cache_dir=cache_dir, force_download=force_download,
+                                local_files_only=local_files_only, token=token)
+
+
+def cross_entropy(logits: Tensor, targets: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Mean cross-entropy over positions where mask is 1 (all positions when mask is None).
+
+    Computed in float32 whatever the logits' dtype, so bf16 autocast does not distort the loss.
+    """
+    per_token = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+    if mask is None:
+        return per_token.mean()
+    mask = mask.flatten().to(per_token.dtype)
+    return (per_token * mask).sum() / mask.sum().clamp_min(1.0)

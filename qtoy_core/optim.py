@@ -1,0 +1,36 @@
+"""Parameter grouping shared by optimizers, and `build_optimizer` through the registry."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .components import OptimizerConfig, parse_component
+from .registry_access import component_implementation
+
+# Parameters that are not hidden matrices even though they are 2-D: token and position embeddings
+# and the unembedding map vocabulary <-> residual stream rather than stream -> stream.
+NON_HIDDEN_PREFIXES = ("embed.", "unembed.", "positional.")
+
+
+def is_hidden_matrix(name: str, param: torch.Tensor) -> bool:
+    """A 2-D weight inside the blocks (attention and MLP matrices): what Muon orthogonalises."""
+    return param.ndim == 2 and not name.startswith(NON_HIDDEN_PREFIXES)
+
+
+def unique_named_parameters(named: Iterable[tuple[str, nn.Parameter]]) -> list[tuple[str, nn.Parameter]]:
+    """Trainable parameters, each once (tied weights appear under their first name)."""
+    seen, out = set(), []
+    for name, p in named:
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            out.append((name, p))
+    return out
+
+
+def build_optimizer(model: nn.Module, config: OptimizerConfig | str | dict) -> torch.optim.Optimizer:
+    config = parse_component("optimizer", config)
+    factory = component_implementation(config)
+    return factory(unique_named_parameters(model.named_parameters()), config)
