@@ -17,6 +17,10 @@ SUBCOMMANDS = {
     "list": ("qtoy_cli.components", "list_command"),
     "plugins": ("qtoy_cli.components", "plugins_command"),
     "config": ("qtoy_cli.components", "config_command"),
+    "train": ("qtoy_cli.train", "train_command"),
+    "eval": ("qtoy_cli.use", "eval_command"),
+    "generate": ("qtoy_cli.use", "generate_command"),
+    "plot": ("qtoy_cli.plot", "plot_command"),
 }
 
 

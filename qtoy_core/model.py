@@ -25,16 +25,20 @@ class GenerationCache:
     """State carried between calls during token-by-token generation.
 
     `offset` is the number of tokens already processed; each attention layer keeps what it needs
-    (keys and values, or a recurrent state) in its own dict in `layers`.
+    in its own dict in `layers`. `mode` "recurrent" lets polynomial attentions keep a constant-size
+    running state; "kv" makes every attention keep keys and values.
     """
 
     n_layers: int
+    mode: str = "recurrent"
     offset: int = 0
     layers: list[dict] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if self.mode not in ("recurrent", "kv"):
+            raise ValueError(f"cache mode must be 'recurrent' or 'kv', not {self.mode!r}")
         if not self.layers:
-            self.layers = [{} for _ in range(self.n_layers)]
+            self.layers = [{"mode": self.mode} for _ in range(self.n_layers)]
 
 
 class Block(nn.Module):
@@ -118,6 +122,13 @@ class ToyTransformer(nn.Module, _model_hub_mixin()):
         cached tokens too). With `cache`, tokens continue the cached sequence.
         """
         offset = cache.offset if cache is not None else 0
+        limit = getattr(self.positional, "max_positions", None)
+        if limit is not None and offset + tokens.shape[1] > limit:
+            raise ValueError(
+                f"positions up to {offset + tokens.shape[1]} requested but the {self.config.positional.name} "
+                f"positional encoding only covers n_ctx={limit}: shorten the input (or the generation), "
+                f"or train with a larger n_ctx or with rope"
+            )
         positions = torch.arange(offset, offset + tokens.shape[1], device=tokens.device)
         x = self.hook_embed(self.embed(tokens))
         pos = self.positional.embed(positions)
@@ -131,8 +142,8 @@ class ToyTransformer(nn.Module, _model_hub_mixin()):
             cache.offset += tokens.shape[1]
         return self.unembed(self.ln_final(x))
 
-    def new_cache(self) -> GenerationCache:
-        return GenerationCache(len(self.blocks))
+    def new_cache(self, mode: str = "recurrent") -> GenerationCache:
+        return GenerationCache(len(self.blocks), mode=mode)
 
     def loss(self, tokens: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Mean next-token cross-entropy of a (batch, time) sequence, over real tokens only."""

@@ -1,0 +1,1 @@
+"""Training: run configuration, the Trainer loop, run folders and checkpoints."""

@@ -1,0 +1,202 @@
+"""`RunConfig` = model + data + optimizer + callbacks + training options, validated as one document.
+
+Precedence when assembling one (see `assemble_run_config`): model-type preset < config file <
+flags/overrides. The run's config.json is this document plus the providers of every component.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
+
+from qtoy_registry import QtoyError
+
+from ..components import CallbackConfig, OptimizerConfig, parse_component
+from ..config import ModelConfig, make_model_config, model_type_for, parse_model_type
+from ..data.config import DataConfig
+from ..overrides import apply_overrides
+
+
+class ConfigFileError(QtoyError):
+    pass
+
+
+class TrainConfig(BaseModel):
+    """How to train: batch, schedule, evaluation, precision, checkpoints."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    batch_size: int = Field(16, gt=0, description="sequences per micro-batch (per process)")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    learning_rate: float | None = Field(None, gt=0, description="peak learning rate; default: the optimizer's")
+    min_lr_frac: float = Field(0.1, ge=0, le=1, description="final lr as a fraction of the peak (cosine)")
+    warmup: int = Field(50, ge=0, description="linear warmup steps")
+    max_iters: int | None = Field(None, gt=0, description="optimizer steps (default 600 unless max_tokens)")
+    max_tokens: int | None = Field(None, gt=0, description="stop after this many training tokens")
+    eval_interval: int = Field(100, gt=0)
+    eval_iters: int = Field(10, gt=0, description="validation batches per evaluation")
+    log_interval: int = Field(10, gt=0)
+    checkpoint_interval: int | None = Field(None, gt=0, description="default: every evaluation")
+    grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm; null disables clipping")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    compile: bool | None = Field(None, description="torch.compile; default: when it pays for the run length")
+    device: str = "auto"
+    seed: int = 0
+    max_bad_steps: int = Field(10, gt=0, description="stop after this many non-finite steps in a row")
+
+    @model_validator(mode="after")
+    def _default_length(self) -> "TrainConfig":
+        if self.max_iters is None and self.max_tokens is None:
+            self.max_iters = 600
+        return self
+
+    def total_steps(self, tokens_per_step: int) -> int:
+        if self.max_iters is not None:
+            return self.max_iters
+        return max(1, -(-self.max_tokens // tokens_per_step))
+
+
+class RunConfig(BaseModel):
+    """Everything a training run needs; config.json of a run folder is this plus plugin providers."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optimizer: SerializeAsAny[OptimizerConfig] = Field(default_factory=lambda: parse_component("optimizer", "adam"))
+    callbacks: list[SerializeAsAny[CallbackConfig]] = Field(default_factory=list)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_document_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):  # a run folder's config.json also carries these
+            data = {k: v for k, v in data.items() if k not in ("format", "qtoy_version", "plugins")}
+        return data
+
+    @field_validator("optimizer", mode="before")
+    @classmethod
+    def _optimizer(cls, value: Any) -> OptimizerConfig:
+        return parse_component("optimizer", value)
+
+    @field_validator("callbacks", mode="before")
+    @classmethod
+    def _callbacks(cls, value: Any) -> list[CallbackConfig]:
+        if value is None:
+            return []
+        if isinstance(value, (str, dict)):
+            value = [value]
+        return [parse_component("callback", v) for v in value]
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A YAML, TOML or JSON file -> dict (chosen by extension)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigFileError(f"Config file {path} does not exist: check the path given to --config.") from None
+    except UnicodeDecodeError:
+        raise ConfigFileError(f"Config file {path} is not UTF-8 text: give a YAML, TOML or JSON file.") from None
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        elif suffix == ".toml":
+            data = tomllib.loads(text)
+        elif suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ConfigFileError(f"Config file {path} has extension {suffix!r}: use .yaml, .yml, .toml or .json.")
+    except ConfigFileError:
+        raise
+    except Exception as exc:
+        raise ConfigFileError(f"Config file {path} does not parse as {suffix[1:].upper()}: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigFileError(f"Config file {path} must hold a mapping (sections model, data, optimizer, train), "
+                              f"not a {type(data).__name__}.")
+    return data
+
+
+# Flat option names (CLI flags) -> their place in the run document.
+FLAT_KEYS = {
+    **{k: ("model", k) for k in ("model_type", "d_model", "n_head", "d_head", "n_ctx", "d_mlp", "vocab_size",
+                                 "dropout", "tie_embeddings", "attention", "mlp", "positional", "norm")},
+    **{k: ("train", k) for k in TrainConfig.model_fields},
+    "dataset": ("data", "dataset"),
+    "mode": ("data", "mode"),
+    "optimizer": ("optimizer",),
+}
+
+
+def assemble_run_config(file_data: dict | None = None, flags: dict[str, Any] | None = None,
+                        assignments: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Combine config file < flags < --set assignments into a validated RunConfig.
+
+    `flags` use flat names (d_model, batch_size, attention, dataset, ...). The model type follows
+    the MLP when it is not given: an MLP other than 'none' selects transformer_<N>L.
+    """
+    doc: dict[str, Any] = json.loads(json.dumps(file_data or {}))
+    for key, value in (flags or {}).items():
+        if value is None:
+            continue
+        place = FLAT_KEYS.get(key)
+        if place is None:
+            raise ConfigFileError(f"unknown option {key!r}")
+        node = doc
+        for part in place[:-1]:
+            node = node.setdefault(part, {})
+        node[place[-1]] = value
+    dataset_overrides = (flags or {}).get("data_files"), (flags or {}).get("tokenizer")
+    for key, value in zip(("data_files", "tokenizer"), dataset_overrides):
+        if value:
+            data = doc.setdefault("data", {})
+            ds = data.get("dataset", "synthetic")
+            ds = {"name": ds} if isinstance(ds, str) else dict(ds)
+            ds[key] = value
+            data["dataset"] = ds
+    doc = apply_overrides(doc, [_qualify(a) for a in assignments])
+    model = doc.setdefault("model", {})
+    _resolve_model_type(model)
+    return RunConfig.model_validate(doc)
+
+
+def _qualify(assignment: str) -> str:
+    """`--set d_model=64` means model.d_model; `--set train.x=1` and `--set attention.impl=..` also work."""
+    key = assignment.partition("=")[0].strip()
+    head = key.split(".")[0]
+    if head in ("model", "data", "train", "optimizer", "callbacks"):
+        return assignment
+    place = FLAT_KEYS.get(head)
+    if place is None:
+        raise ConfigFileError(f"--set {assignment!r}: unknown option {head!r}. Options live in the sections "
+                              f"model, data, optimizer, train (e.g. --set train.warmup=10 or --set d_model=128).")
+    return ".".join(place[:-1] + (key,)) + assignment[len(key):]
+
+
+def _resolve_model_type(model: dict[str, Any]) -> None:
+    mlp = model.get("mlp")
+    mlp_name = mlp if isinstance(mlp, str) else (mlp or {}).get("name") if isinstance(mlp, dict) else None
+    if "model_type" not in model:
+        if mlp_name not in (None, "none"):
+            model["model_type"] = model_type_for(1, True)
+        return
+    if mlp_name is not None:
+        try:
+            n_layers, has_mlp = parse_model_type(model["model_type"])
+        except ValueError:
+            return  # ModelConfig reports it
+        if has_mlp == (mlp_name == "none"):
+            raise ConfigFileError(
+                f"--model-type {model['model_type']} contradicts --mlp {mlp_name}: "
+                f"{'this type has no MLP' if not has_mlp else 'this type needs an MLP'}; use "
+                f"--model-type {model_type_for(n_layers, not has_mlp)}, or drop one of the two flags."
+            )

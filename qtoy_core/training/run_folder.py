@@ -1,0 +1,227 @@
+"""A run folder: the only hand-off between training and everything after it.
+
+    RUN/config.json            the run document: model, data, optimizer, callbacks, train, plugins
+    RUN/model.safetensors      weights of the latest checkpoint (with config.json: the HF hub format)
+    RUN/metrics.jsonl          one JSON record per step and per evaluation
+    RUN/checkpoint.json        pointer to the latest complete checkpoint and the best one
+    RUN/checkpoints/step_N/    model.safetensors, trainer_state.pt, config.json (one complete checkpoint)
+    RUN/latest, RUN/best       links to checkpoint folders (from_pretrained(RUN / "best") works)
+
+A checkpoint folder is written under a temporary name and renamed when complete; only then does
+checkpoint.json (itself written atomically) point at it. A kill at any moment leaves the previous
+checkpoint intact and pointed to.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qtoy_registry import QtoyError, get_registry
+
+from ..checkpoint import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    atomic_write_text,
+    component_providers,
+    model_document,
+)
+
+POINTER_NAME = "checkpoint.json"
+STATE_NAME = "trainer_state.pt"
+METRICS_NAME = "metrics.jsonl"
+
+
+class RunFolderError(QtoyError):
+    pass
+
+
+def run_document(run_config: Any) -> dict[str, Any]:
+    """config.json of a run: the model document plus data, optimizer, callbacks and train sections,
+    and the provider of every component used (so a missing plugin can be named on load)."""
+    dump = run_config.model_dump(mode="json")
+    doc = model_document(run_config.model, data=dump["data"], optimizer=dump["optimizer"],
+                         callbacks=dump["callbacks"], train=dump["train"])
+    registry = get_registry()
+    extra = [("dataset", run_config.data.dataset.name), ("optimizer", run_config.optimizer.name)]
+    extra += [("callback", c.name) for c in run_config.callbacks]
+    for kind, name in extra:
+        p = registry.get(kind, name).provider
+        key = kind if kind != "callback" else f"callback:{name}"
+        doc["plugins"][key] = {"name": name, "distribution": p.distribution, "version": p.version}
+    return doc
+
+
+class RunFolder:
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / METRICS_NAME
+
+    # -- before training ---------------------------------------------------------------------
+    def prepare(self, *, fresh: bool) -> None:
+        """Create the folder and prove it is writable (with some free space) before any training."""
+        if fresh and (self.path / POINTER_NAME).exists():
+            raise RunFolderError(f"{self.path} already holds a run. Resume it with --resume {self.path}, or choose "
+                                 f"another --out folder.")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.path, prefix=".write-test-", delete=True) as f:
+                f.write(b"x" * 4096)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            raise RunFolderError(f"Cannot write to the output folder {self.path} ({exc.strerror or exc}). Choose a "
+                                 f"writable --out folder, or fix its permissions.") from None
+        free = shutil.disk_usage(self.path).free
+        if free < 64 * 2**20:
+            raise RunFolderError(f"Only {free // 2**20} MiB free on the disk of {self.path}: checkpoints would fail. "
+                                 f"Free some space or choose another --out folder.")
+        for leftover in (self.path / "checkpoints").glob(".tmp-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+    def write_config(self, doc: dict[str, Any]) -> None:
+        atomic_write_text(self.path / CONFIG_NAME, json.dumps(doc, indent=2) + "\n")
+
+    def read_config(self) -> dict[str, Any]:
+        try:
+            return json.loads((self.path / CONFIG_NAME).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise RunFolderError(f"{self.path} has no {CONFIG_NAME}: it is not a qtoy run folder.") from None
+        except json.JSONDecodeError as exc:
+            raise RunFolderError(f"{self.path / CONFIG_NAME} is corrupt ({exc}).") from None
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def pointer(self) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.path / POINTER_NAME).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except json.JSONDecodeError as exc:  # cannot happen with atomic writes, unless edited by hand
+            raise RunFolderError(f"{self.path / POINTER_NAME} is corrupt ({exc}); point it at a folder in "
+                                 f"{self.path / 'checkpoints'} by hand to recover.") from None
+
+    def latest_checkpoint(self) -> tuple[Path, int] | None:
+        pointer = self.pointer()
+        if pointer is None:
+            return None
+        folder = self.path / pointer["latest"]
+        if not (folder / STATE_NAME).exists() or not (folder / WEIGHTS_NAME).exists():
+            raise RunFolderError(f"The latest checkpoint {folder} is incomplete (files were removed by hand?).")
+        return folder, int(pointer["step"])
+
+    def save_checkpoint(self, model: torch.nn.Module, model_doc: dict[str, Any], state: dict[str, Any], step: int,
+                        *, val_loss: float | None = None, keep_best: bool = True) -> Path:
+        from safetensors.torch import save_model
+
+        checkpoints = self.path / "checkpoints"
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        name = f"step_{step:08d}"
+        final = checkpoints / name
+        pointer = self.pointer() or {}
+        if pointer.get("latest") == f"checkpoints/{name}":
+            return final  # this exact step is already saved and pointed to
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=checkpoints))
+        try:
+            save_model(model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "step": str(step)})
+            torch.save(state, tmp / STATE_NAME)
+            (tmp / CONFIG_NAME).write_text(json.dumps(model_doc, indent=2) + "\n", encoding="utf-8")
+            for f in tmp.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            if final.exists():  # a stale folder of an abandoned attempt at this step
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise RunFolderError(f"Saving the checkpoint at step {step} failed ({exc.strerror or exc}); the previous "
+                                 f"checkpoint in {self.path} is intact. Free disk space or fix permissions, then "
+                                 f"resume with --resume {self.path}.") from None
+        best = pointer.get("best")
+        if keep_best and val_loss is not None and (best is None or val_loss < best["val_loss"]):
+            best = {"path": f"checkpoints/{name}", "step": step, "val_loss": val_loss}
+        new_pointer = {"latest": f"checkpoints/{name}", "step": step, "best": best}
+        atomic_write_text(self.path / POINTER_NAME, json.dumps(new_pointer, indent=2) + "\n")
+        self._publish(final, best)
+        self._prune(keep={f"checkpoints/{name}", (best or {}).get("path")})
+        return final
+
+    def _publish(self, latest: Path, best: dict | None) -> None:
+        """Top-level model.safetensors (a hard link, swapped in atomically) and the latest/best links."""
+        target = self.path / WEIGHTS_NAME
+        tmp = self.path / f".{WEIGHTS_NAME}.tmp"
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(latest / WEIGHTS_NAME, tmp)
+        except OSError:
+            shutil.copyfile(latest / WEIGHTS_NAME, tmp)
+        os.replace(tmp, target)
+        self._link("latest", latest)
+        if best is not None:
+            self._link("best", self.path / best["path"])
+
+    def _link(self, name: str, folder: Path) -> None:
+        tmp = self.path / f".{name}.tmp"
+        try:
+            tmp.unlink(missing_ok=True)
+            os.symlink(os.path.relpath(folder, self.path), tmp)
+            os.replace(tmp, self.path / name)
+        except OSError:
+            pass  # links are a convenience (unavailable on some file systems); checkpoint.json is the truth
+
+    def _prune(self, keep: set) -> None:
+        for folder in (self.path / "checkpoints").glob("step_*"):
+            if f"checkpoints/{folder.name}" not in keep:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def load_state(self, folder: Path) -> dict[str, Any]:
+        try:
+            return torch.load(folder / STATE_NAME, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise RunFolderError(f"The trainer state in {folder} cannot be loaded safely ({type(exc).__name__}: "
+                                 f"{exc}). Only plain tensors and values are accepted (weights_only=True).") from None
+
+    # -- metrics ---------------------------------------------------------------------------------
+    def append_metrics(self, records: list[dict[str, Any]]) -> None:
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+            f.flush()
+
+    def truncate_metrics(self, after_step: int) -> None:
+        """Keep the records of steps <= after_step (a resumed run rewrites what came after), dropping a
+        line cut short by a kill."""
+        if not self.metrics_path.exists():
+            return
+        kept = []
+        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("step", 0) <= after_step:
+                kept.append(line)
+        atomic_write_text(self.metrics_path, "".join(k + "\n" for k in kept))
+
+
+def read_metrics(run: str | os.PathLike) -> list[dict[str, Any]]:
+    path = Path(run) / METRICS_NAME
+    out = []
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
+__all__ = ["RunFolder", "RunFolderError", "read_metrics", "run_document", "component_providers"]

@@ -1,0 +1,372 @@
+"""The training loop: mixed precision, accumulation, clipping, cosine schedule, evaluation,
+atomic checkpoints, exact resume, non-finite step skipping, clean stops on SIGINT/SIGTERM, DDP."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+
+from qtoy_registry import QtoyError
+
+from ..model import ToyTransformer, cross_entropy
+from ..optim import build_optimizer
+from ..registry_access import build_component
+from .config import RunConfig
+from .precision import resolve_device, resolve_precision
+from .run_folder import RunFolder, run_document
+
+# torch.compile costs ~15-20 s on 2 CPU cores and roughly halves the step time; it is switched on
+# by default only when the eager run would take longer than this (see `should_compile`).
+COMPILE_PAYS_AFTER_S = 90.0
+TOKENIZER_NAME = "tokenizer.json"
+
+
+class TrainingStopped(QtoyError):
+    """Training ended early on purpose (a signal, or too many non-finite steps); work is saved."""
+
+
+def cosine_schedule(step: int, *, warmup: int, total: int, min_lr_frac: float) -> float:
+    """Multiplier of the peak lr: linear warmup, then cosine decay to min_lr_frac at `total`."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def should_compile(setting: bool | None, *, seconds_per_step: float, steps_left: int) -> bool:
+    if setting is not None:
+        return setting
+    return seconds_per_step * steps_left > COMPILE_PAYS_AFTER_S
+
+
+class Distributed:
+    """rank/world size from torchrun's environment; gloo on CPU, nccl on GPU."""
+
+    def __init__(self, device: torch.device):
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.enabled = self.world_size > 1
+        if self.enabled and not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def mean(self, value: float) -> float:
+        if not self.enabled:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.item() / self.world_size
+
+
+class Trainer:
+    """Train `config` into the run folder `out`. `resume=True` continues the run saved there.
+
+    `train_batches` / `val_batches` replace the configured dataset with given iterables of
+    (tokens, attention_mask-or-None) pairs (tests, custom data). `callbacks` are extra callback
+    objects (e.g. a progress display) besides the configured ones.
+    """
+
+    def __init__(self, config: RunConfig, out: str | os.PathLike, *, resume: bool = False,
+                 callbacks: Iterable[Any] = (), train_batches: Iterable | None = None,
+                 val_batches: Iterable | None = None):
+        self.config = config
+        self.run = RunFolder(out)
+        self.resume = resume
+        self.device = resolve_device(config.train.device)
+        self.precision = resolve_precision(config.train.precision, self.device)
+        self.world = Distributed(self.device)
+        self.callbacks = [build_component(c) for c in config.callbacks] + list(callbacks)
+        self._given_train, self._given_val = train_batches, val_batches
+        self.step = 0
+        self.tokens = 0
+        self.bad_steps = 0
+        self.best_val: float | None = None
+        self.last_eval: dict[str, float] = {}
+        self._stop_signal: str | None = None
+        self.compiled = False
+
+    # -- setup -----------------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg = self.config
+        if self.world.is_main:
+            self.run.prepare(fresh=not self.resume)
+        torch.manual_seed(cfg.train.seed)
+        random.seed(cfg.train.seed)
+        self.tokenizer = None
+        if self._given_train is None:
+            from ..data import StreamingTextDataset, build_dataset, check_vocab
+
+            self.dataset = build_dataset(cfg.data.dataset)
+            self.tokenizer = self.dataset.tokenizer()
+            if "vocab_size" not in cfg.model.model_fields_set:  # not chosen: the tokenizer decides
+                model = cfg.model.model_dump()
+                model["vocab_size"] = self.tokenizer.vocab_size
+                cfg = self.config = cfg.model_copy(update={"model": type(cfg.model).model_validate(model)})
+            check_vocab(cfg.model, self.tokenizer)
+            common = dict(n_ctx=cfg.model.n_ctx, batch_size=cfg.train.batch_size, mode=cfg.data.mode,
+                          seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+                          tokenize_batch=cfg.data.tokenize_batch, rank=self.world.rank,
+                          world_size=self.world.world_size)
+            self.train_stream = StreamingTextDataset(self.dataset, split="train", **common)
+            self.val_stream = StreamingTextDataset(self.dataset, split="validation", **common)
+        else:
+            self.train_stream, self.val_stream = self._given_train, self._given_val
+        self.model = ToyTransformer(cfg.model).to(self.device)
+        opt_cfg = cfg.optimizer
+        if cfg.train.learning_rate is not None:
+            opt_cfg = opt_cfg.model_copy(update={"lr": cfg.train.learning_rate})
+        self.optimizer = build_optimizer(self.model, opt_cfg)
+        self.tokens_per_step = cfg.train.batch_size * cfg.model.n_ctx * cfg.train.grad_accum * self.world.world_size
+        self.total_steps = cfg.train.total_steps(self.tokens_per_step)
+        t = cfg.train
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: cosine_schedule(s, warmup=t.warmup, total=self.total_steps, min_lr_frac=t.min_lr_frac))
+        self.scaler = self.precision.grad_scaler()
+        self.forward_model: torch.nn.Module = self.model
+        if self.world.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.forward_model = DistributedDataParallel(self.model)
+        self.model_doc = run_document(cfg)
+        if self.resume:
+            self._load_checkpoint()
+        elif self.world.is_main:
+            self.run.write_config(self.model_doc)
+        if self.tokenizer is not None and self.world.is_main:
+            from ..checkpoint import atomic_write
+
+            atomic_write(self.run.path / TOKENIZER_NAME, lambda tmp: self.tokenizer.save(str(tmp)))
+        self._train_iter = self._batches(self.train_stream)
+
+    def _load_checkpoint(self) -> None:
+        found = self.run.latest_checkpoint()
+        if found is None:
+            raise TrainingStopped(f"{self.run.path} has no complete checkpoint to resume from (the run stopped "
+                                  f"before its first save). Start it again without --resume.")
+        folder, step = found
+        from ..checkpoint import load_weights
+
+        load_weights(self.model, folder / "model.safetensors")
+        state = self.run.load_state(folder)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step, self.tokens = state["step"], state["tokens"]
+        self.best_val, self.bad_steps = state.get("best_val"), state.get("bad_steps", 0)
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(_to_tuple(state["rng"]["python"]))
+        if hasattr(self.train_stream, "load_state_dict") and state.get("data") is not None:
+            self.train_stream.load_state_dict(state["data"])
+        if self.world.is_main:
+            self.run.truncate_metrics(self.step)
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "step": self.step, "tokens": self.tokens, "best_val": self.best_val, "bad_steps": self.bad_steps,
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+            "data": self.train_stream.state_dict() if hasattr(self.train_stream, "state_dict") else None,
+        }
+
+    def _batches(self, stream: Iterable) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        for batch in stream:
+            tokens, mask = (batch.tokens, batch.attention_mask) if hasattr(batch, "tokens") else batch
+            yield tokens.to(self.device, non_blocking=True), None if mask is None else mask.to(self.device)
+
+    # -- the loop --------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        self.setup()
+        for cb in self.callbacks:
+            cb.on_train_start(self)
+        previous = self._install_signal_handlers()
+        start = time.perf_counter()
+        start_tokens = self.tokens
+        try:
+            self._loop()
+        finally:
+            self._restore_signal_handlers(previous)
+        elapsed = time.perf_counter() - start
+        summary = {
+            "run": str(self.run.path), "steps": self.step, "tokens": self.tokens,
+            "train_loss": self.last_train_loss, "val_loss": self.last_eval.get("val_loss"),
+            "best_val_loss": self.best_val, "seconds": elapsed,
+            "tokens_per_s": (self.tokens - start_tokens) / elapsed if elapsed > 0 else None,
+            "precision": self.precision.name, "compiled": self.compiled, "skipped_steps": self.skipped_total,
+        }
+        for cb in self.callbacks:
+            cb.on_train_end(self, summary)
+        if self.world.enabled:
+            dist.barrier()
+        return summary
+
+    def _loop(self) -> None:
+        cfg = self.config.train
+        ckpt_every = cfg.checkpoint_interval or cfg.eval_interval
+        self.last_train_loss = None
+        self.skipped_total = 0
+        self._first_step, self._compile_decided = self.step, False
+        window_start, window_tokens = time.perf_counter(), 0
+        while self.step < self.total_steps:
+            self._maybe_compile()
+            loss, grad_norm, finite = self._train_step()
+            self.step += 1
+            self.tokens += self.tokens_per_step
+            window_tokens += self.tokens_per_step
+            now = time.perf_counter()
+            record = {"step": self.step, "tokens": self.tokens, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
+                      "grad_norm": grad_norm, "tokens_per_s": window_tokens / max(now - window_start, 1e-9)}
+            if not finite:
+                record["skipped"] = True
+            self.step_seconds = (now - window_start) / max(1, window_tokens // self.tokens_per_step)
+            if self.step % cfg.log_interval == 0:
+                window_start, window_tokens = now, 0
+            if finite:
+                self.last_train_loss = loss
+            self.scheduler.step()
+            if self.world.is_main:
+                self.run.append_metrics([record])
+            for cb in self.callbacks:
+                cb.on_step_end(self, record)
+            if self.bad_steps >= cfg.max_bad_steps:
+                raise TrainingStopped(
+                    f"{self.bad_steps} steps in a row had a non-finite loss or gradient (last at step {self.step}); "
+                    f"training stopped. The last good checkpoint is in {self.run.path}. Lower the learning rate "
+                    f"(--learning-rate), use --precision fp32, or tighten --grad-clip, then resume with "
+                    f"--resume {self.run.path}.")
+            last = self.step == self.total_steps
+            evaluated = False
+            if self.step % cfg.eval_interval == 0 or last:
+                self.evaluate()
+                evaluated = True
+            if self.step % ckpt_every == 0 or last:
+                self.save_checkpoint(val_loss=self.last_eval.get("val_loss") if evaluated else None)
+            if self._stop_signal is not None:
+                self.save_checkpoint()
+                raise TrainingStopped(
+                    f"Stopped by {self._stop_signal} at step {self.step}/{self.total_steps}; a checkpoint was saved "
+                    f"in {self.run.path}. Resume with: qtoy train --resume {self.run.path}")
+
+    def _maybe_compile(self) -> None:
+        """Decide once per fit: as configured, or (auto) after timing a few eager steps."""
+        cfg = self.config.train
+        if self._compile_decided or self.world.enabled:
+            return
+        if cfg.compile is None and self.step - self._first_step < 3:
+            return  # measure a few eager steps first
+        self._compile_decided = True
+        seconds = getattr(self, "step_seconds", 0.0)
+        if should_compile(cfg.compile, seconds_per_step=seconds, steps_left=self.total_steps - self.step):
+            self.forward_model = torch.compile(self.model)
+            self.compiled = True
+
+    def _train_step(self) -> tuple[float, float, bool]:
+        cfg = self.config.train
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            tokens, mask = next(self._train_iter)
+            sync = nullcontext()
+            if self.world.enabled and micro < cfg.grad_accum - 1:
+                sync = self.forward_model.no_sync()
+            with sync:
+                with self.precision.autocast():
+                    logits = self.forward_model(tokens[:, :-1], None if mask is None else mask[:, :-1])
+                loss = cross_entropy(logits, tokens[:, 1:], None if mask is None else mask[:, 1:]) / cfg.grad_accum
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            total += loss.item()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        max_norm = cfg.grad_clip if cfg.grad_clip is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
+        finite = math.isfinite(total) and math.isfinite(grad_norm)
+        for cb in self.callbacks:
+            cb.on_before_optimizer_step(self)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skips the step itself on inf/nan
+            self.scaler.update()
+        elif finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if finite:
+            self.bad_steps = 0
+        else:
+            self.bad_steps += 1
+            self.skipped_total += 1
+        return total, grad_norm, finite
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss over the first eval_iters validation batches (the same batches every time)."""
+        if self.val_stream is None:
+            return {}
+        self.model.eval()
+        losses = []
+        for i, (tokens, mask) in enumerate(self._batches(self.val_stream)):
+            if i >= self.config.train.eval_iters:
+                break
+            with self.precision.autocast():
+                logits = self.model(tokens[:, :-1], None if mask is None else mask[:, :-1])
+            losses.append(cross_entropy(logits, tokens[:, 1:], None if mask is None else mask[:, 1:]).item())
+        self.model.train()
+        if not losses:
+            raise TrainingStopped("The validation split produced no batch: the dataset is too small for its "
+                                  "validation fraction. Add data or raise val_fraction (--set data.dataset.val_fraction=0.1).")
+        val = self.world.mean(sum(losses) / len(losses))
+        self.last_eval = {"step": self.step, "tokens": self.tokens, "val_loss": val, "val_ppl": math.exp(min(val, 50))}
+        if self.world.is_main:
+            self.run.append_metrics([self.last_eval])
+        for cb in self.callbacks:
+            cb.on_eval_end(self, self.last_eval)
+        return self.last_eval
+
+    def save_checkpoint(self, val_loss: float | None = None) -> None:
+        if val_loss is not None and (self.best_val is None or val_loss < self.best_val):
+            self.best_val = val_loss
+        if not self.world.is_main:
+            return
+        path = self.run.save_checkpoint(self.model, self.model_doc, self._state(), self.step, val_loss=val_loss)
+        for cb in self.callbacks:
+            cb.on_checkpoint(self, path)
+
+    # -- signals ---------------------------------------------------------------------------------
+    def _install_signal_handlers(self) -> dict:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        previous = {}
+
+        def handler(signum, frame):
+            if self._stop_signal is not None:  # a second signal: stop now
+                signal.signal(signum, previous.get(signum, signal.SIG_DFL))
+                raise KeyboardInterrupt
+            self._stop_signal = signal.Signals(signum).name
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+        return previous
+
+    @staticmethod
+    def _restore_signal_handlers(previous: dict) -> None:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+
+
+def _to_tuple(x: Any) -> Any:
+    """random.setstate needs tuples where torch.load may give lists."""
+    if isinstance(x, list):
+        return tuple(_to_tuple(v) for v in x)
+    return x

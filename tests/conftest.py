@@ -1,0 +1,50 @@
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+# The hub is unreachable in tests; without this a hub call retries for minutes.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_registry(monkeypatch, tmp_path_factory):
+    """Every test starts with the plugins as installed and the environment's plugin switches unset,
+    and leaves no in-process plugin behind."""
+    from qtoy_registry import reset_registry
+
+    for var in ("QTOY_LOAD_PLUGINS", "QTOY_STRICT_PLUGINS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("QTOY_CACHE", str(tmp_path_factory.getbasetemp() / "qtoy-cache"))
+    reset_registry()
+    yield
+    reset_registry()
+
+
+@pytest.fixture
+def make_plugin_dist(tmp_path, monkeypatch):
+    """Install a throwaway plugin distribution on sys.path: a module plus a real .dist-info folder
+    with a `qtoy` entry point, found by importlib.metadata exactly like a pip-installed package."""
+
+    def make(dist_name: str, module_source: str, version: str = "0.1.0") -> str:
+        module = dist_name.replace("-", "_")
+        (tmp_path / f"{module}.py").write_text(textwrap.dedent(module_source))
+        info = tmp_path / f"{module}-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist_name}\nVersion: {version}\n")
+        (info / "entry_points.txt").write_text(f"[qtoy]\n{module} = {module}\n")
+        monkeypatch.syspath_prepend(str(tmp_path))
+        sys.modules.pop(module, None)
+        import importlib
+
+        importlib.invalidate_caches()
+        return module
+
+    return make
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[1]
