@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "list": ("qtoy_cli.components", "list_command"),
     "plugins": ("qtoy_cli.components", "plugins_command"),
     "config": ("qtoy_cli.components", "config_command"),
+    "data": ("qtoy_cli.data", "data_group"),
     "train": ("qtoy_cli.train", "train_command"),
     "eval": ("qtoy_cli.use", "eval_command"),
     "generate": ("qtoy_cli.use", "generate_command"),

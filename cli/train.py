@@ -92,8 +92,10 @@ def train_command(config_file, assignments, quiet, nproc, resume, out, compile_,
         file_data = read_config_file(config_file) if config_file else {}
     flags = {k: (list(v) if isinstance(v, tuple) else v) for k, v in flags.items() if v not in (None, ())}
     config = assemble_run_config(file_data, flags, assignments)
-    if flags_callbacks:
-        config = config.model_validate({**config.model_dump(), "callbacks": flags_callbacks})
+    if flags_callbacks:  # a copy, not a re-validation: that would mark vocab_size as chosen (4096)
+        from qtoy_core.components import parse_component
+
+        config = config.model_copy(update={"callbacks": [parse_component("callback", c) for c in flags_callbacks]})
     out = Path(out) if out else default_run_folder(flags)
     rank = int(os.environ.get("RANK", "0"))
     display = []
