@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "eval": ("qtoy_cli.use", "eval_command"),
     "generate": ("qtoy_cli.use", "generate_command"),
     "plot": ("qtoy_cli.plot", "plot_command"),
+    "new-plugin": ("qtoy_cli.new_plugin", "new_plugin_command"),
 }
 
 

@@ -10,6 +10,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from qtoy_registry import (
+    ENTRY_POINT_GROUP,
+    KIND_HOOKS,
     DuplicateComponentError,
     PluginError,
     PluginWarning,
@@ -33,31 +35,72 @@ from .components import (
 )
 from .config import ModelConfig, make_model_config, parse_model_type
 
-# name -> module holding it; imported lazily (these modules import torch).
+# name -> module holding it; imported lazily (these modules import torch, numpy, quimb or the
+# data machinery). Plugin packages import these names from `qtoy_core`, never from the submodules.
 _LAZY = {
+    # the model and its pieces
     "ToyTransformer": ".model",
     "GenerationCache": ".model",
     "cross_entropy": ".model",
+    # what a component implementation subclasses or calls (qtoy_core.interfaces)
     "Attention": ".interfaces",
     "ProjectedAttention": ".interfaces",
     "MLP": ".interfaces",
     "Positional": ".interfaces",
     "Callback": ".interfaces",
     "HookPoint": ".interfaces",
+    "split_heads": ".interfaces",
+    "merge_heads": ".interfaces",
+    "key_padding_mask": ".interfaces",
+    "append_to_cache": ".interfaces",
+    "causal_pattern": ".ops.masks",
+    # optimizers
     "build_optimizer": ".optim",
     "is_hidden_matrix": ".optim",
+    # model files
     "CheckpointError": ".checkpoint",
     "MissingPluginError": ".checkpoint",
+    # datasets: configs, the TextDataset a dataset factory returns, tokenizers (no torch)
+    "TextDatasetConfig": ".data",
+    "HubDatasetConfig": ".data",
+    "TextDataset": ".data",
+    "HubTextDataset": ".data",
+    "DocumentSource": ".data",
+    "Tokenizer": ".data",
+    "END_OF_TEXT": ".data",
+    "train_bpe": ".data",
+    "cached_tokenizer": ".data",
+    "build_dataset": ".data",
+    "DataError": ".data",
+    # training (what a callback receives, and how to run one in a test)
+    "Trainer": ".training.trainer",
+    "RunConfig": ".training.config",
+    # the optional tensor-network capability (qtoy_core.analysis.tensor_network)
+    "TNBuilder": ".analysis.tensor_network",
+    "Stream": ".analysis.tensor_network",
+    "Wire": ".analysis.tensor_network",
+    "CausalKeys": ".analysis.tensor_network",
+    "TensorNetworkAttention": ".analysis.tensor_network",
+    "TensorNetworkMLP": ".analysis.tensor_network",
+    "TensorNetworkPositional": ".analysis.tensor_network",
+    "TensorNetworkNorm": ".analysis.tensor_network",
+    "NotPolynomialError": ".analysis.tensor_network",
+    "to_tensor_network": ".analysis.tensor_network",
+    "contract_logits": ".analysis.tensor_network",
 }
 
-__all__ = [
-    "AttentionConfig", "Callback", "CallbackConfig", "CheckpointError", "ComponentConfig", "DatasetConfig",
-    "DuplicateComponentError", "GenerationCache", "HookPoint", "MLP", "MLPConfig", "MissingPluginError",
-    "ModelConfig", "NormConfig", "OptimizerConfig", "PluginError", "PluginWarning", "Positional",
-    "PositionalConfig", "ProjectedAttention", "QtoyError", "ToyTransformer", "UnknownComponentError",
-    "Attention", "build_model", "build_optimizer", "cross_entropy", "get_registry", "hookimpl",
-    "is_hidden_matrix", "make_model_config", "parse_component", "parse_model_type", "reset_registry",
-]
+# The public API: what plugin packages may import (tests/test_public_api.py keeps a snapshot of it).
+__all__ = sorted([
+    # plugin contract: hook marker, registry, errors
+    "hookimpl", "get_registry", "reset_registry", "ENTRY_POINT_GROUP", "KIND_HOOKS",
+    "QtoyError", "PluginError", "PluginWarning", "DuplicateComponentError", "UnknownComponentError",
+    # component configs (pydantic, no torch)
+    "ComponentConfig", "AttentionConfig", "MLPConfig", "PositionalConfig", "NormConfig", "OptimizerConfig",
+    "DatasetConfig", "CallbackConfig", "parse_component",
+    # model config and model
+    "ModelConfig", "make_model_config", "parse_model_type", "build_model",
+    *_LAZY,
+])
 
 
 def build_model(model_type: str | ModelConfig | dict | None = None, **options: Any) -> "ToyTransformer":
@@ -79,8 +122,52 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'qtoy_core' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
 if TYPE_CHECKING:
+    from .analysis.tensor_network import (
+        CausalKeys,
+        NotPolynomialError,
+        Stream,
+        TensorNetworkAttention,
+        TensorNetworkMLP,
+        TensorNetworkNorm,
+        TensorNetworkPositional,
+        TNBuilder,
+        Wire,
+        contract_logits,
+        to_tensor_network,
+    )
     from .checkpoint import CheckpointError, MissingPluginError
-    from .interfaces import MLP, Attention, Callback, HookPoint, Positional, ProjectedAttention
+    from .data import (
+        END_OF_TEXT,
+        DataError,
+        DocumentSource,
+        HubDatasetConfig,
+        HubTextDataset,
+        TextDataset,
+        TextDatasetConfig,
+        Tokenizer,
+        build_dataset,
+        cached_tokenizer,
+        train_bpe,
+    )
+    from .interfaces import (
+        MLP,
+        Attention,
+        Callback,
+        HookPoint,
+        Positional,
+        ProjectedAttention,
+        append_to_cache,
+        key_padding_mask,
+        merge_heads,
+        split_heads,
+    )
     from .model import GenerationCache, ToyTransformer, cross_entropy
+    from .ops.masks import causal_pattern
     from .optim import build_optimizer, is_hidden_matrix
+    from .training.config import RunConfig
+    from .training.trainer import Trainer

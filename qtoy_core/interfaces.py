@@ -142,6 +142,39 @@ class ProjectedAttention(Attention):
         """True when a hook reads scores or pattern, so the explicit (T, T) form must be computed."""
         return bool(self.hook_scores._forward_hooks or self.hook_pattern._forward_hooks)
 
+    def weight_views(self) -> dict[str, Any]:
+        """Per-head weights in TransformerLens orientation, for `qtoy_core.analysis` (detached views).
+
+        ``W_Q``, ``W_K``, ``W_V``: (n_head, d_model, d_head) with q_h = x @ W_Q[h]; ``W_O``:
+        (n_head, d_head, d_model) with out = sum_h z_h @ W_O[h]; ``b_Q``/``b_K``/``b_V`` (n_head,
+        d_head) and ``b_O`` (d_model) when the projections have biases. ``qk``: the scaled forms
+        ``scale * (x_q W_q)(x_k W_k)^T`` as (query view, key view, scale) triples whose product is
+        the causal, unnormalised pattern when ``pattern`` is "product" (from ``qk_factors()``; a
+        repeated triple is a square, as in quadratic attention); otherwise ``pattern`` is "other"
+        and the one form listed is the pre-normalisation score (e.g. softmax attention).
+        """
+        def split(proj: nn.Linear) -> Tensor:  # (n_head * d_head, d_model) rows -> (n_head, d_model, d_head)
+            return proj.weight.detach().view(self.n_head, self.d_head, -1).transpose(1, 2)
+
+        names = {id(m): "W_" + n.removesuffix("_proj").upper() for n, m in self.named_children()
+                 if isinstance(m, nn.Linear) and m is not self.out_proj}
+        views: dict[str, Any] = {f"W_{c}": split(getattr(self, f"{c.lower()}_proj")) for c in "QKV"}
+        views["W_O"] = self.out_proj.weight.detach().view(-1, self.n_head, self.d_head).permute(1, 2, 0)
+        for c in "QKV":
+            bias = getattr(self, f"{c.lower()}_proj").bias
+            if bias is not None:
+                views[f"b_{c}"] = bias.detach().view(self.n_head, self.d_head)
+        if self.out_proj.bias is not None:
+            views["b_O"] = self.out_proj.bias.detach()
+        factors = getattr(self, "qk_factors", None)
+        if callable(factors):
+            views["qk"] = [(names[id(q)], names[id(k)], float(s)) for q, k, s in factors()]
+            views["pattern"] = "product"
+        else:
+            views["qk"] = [("W_Q", "W_K", self.d_head ** -0.5)]
+            views["pattern"] = "other"
+        return views
+
 
 def append_to_cache(state: dict, **tensors: Tensor) -> list[Tensor]:
     """Concatenate new keys/values onto those cached in `state` (along time) and return them all."""

@@ -142,6 +142,17 @@ class ToyTransformer(nn.Module, _model_hub_mixin()):
             cache.offset += tokens.shape[1]
         return self.unembed(self.ln_final(x))
 
+    def run_with_cache(self, tokens: Tensor, names_filter: Any = None, **kwargs: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        """(logits, cache): the activations at every HookPoint (or those ``names_filter`` keeps: a
+        name, names, or a predicate), detached, hooks removed afterwards even on error. Names:
+        hook_embed, hook_pos_embed, blocks.{i}.hook_resid_pre / hook_attn_out / hook_resid_mid /
+        hook_mlp_out / hook_resid_post, blocks.{i}.attn.hook_q / hook_k / hook_v / hook_scores /
+        hook_pattern / hook_z / hook_result (per-head z_h @ W_O[h]), blocks.{i}.mlp.hook_left /
+        hook_right / hook_hidden. Shapes and options: `qtoy_core.analysis.cache.run_with_cache`."""
+        from .analysis.cache import run_with_cache
+
+        return run_with_cache(self, tokens, names_filter, **kwargs)
+
     def new_cache(self, mode: str = "recurrent") -> GenerationCache:
         return GenerationCache(len(self.blocks), mode=mode)
 

@@ -112,12 +112,20 @@ class Registry:
         self._entry_points_loaded = True
         allowed_env = os.environ.get("QTOY_LOAD_PLUGINS")
         allowed = None if allowed_env is None else {p.strip() for p in allowed_env.split(",") if p.strip()}
-        for ep in importlib.metadata.entry_points(group=hookspecs.ENTRY_POINT_GROUP):
+        entry_points = importlib.metadata.entry_points(group=hookspecs.ENTRY_POINT_GROUP)
+        # qtoy's own first (a stable sort): a third-party clash is then reported against the built-in
+        builtin_first = sorted(entry_points, key=lambda ep: ep.dist is None or ep.dist.name != BUILTIN_DISTRIBUTION)
+        for ep in builtin_first:
             dist = ep.dist.name if ep.dist is not None else "unknown"
             version = ep.dist.version if ep.dist is not None else ""
             if dist != BUILTIN_DISTRIBUTION and allowed is not None and dist not in allowed:
                 continue
             if ep.name in self._plugins:
+                taken_by = self._plugins[ep.name].distribution
+                if taken_by != dist:  # the same name from another package would be lost silently
+                    self._fail(ep.name, dist, f"its entry-point name {ep.name!r} is already used by the package "
+                                              f"{taken_by!r}; entry-point names in the 'qtoy' group must be unique, "
+                                              f"so rename it in {dist}'s pyproject.toml (e.g. to its import name)")
                 continue
             try:
                 module = ep.load()

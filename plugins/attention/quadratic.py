@@ -26,6 +26,27 @@ class QuadraticAttention(ProjectedAttention):
             return pattern @ v
         return quadratic_attention(q, k, v, scale=self.scale, key_mask=key_mask, impl=self.impl)
 
+    # -- optional capability: exact tensor network (qtoy_core.analysis.tensor_network) -------------
+    def tensor_network(self, tn, x, *, positional):
+        """z_i = sum_{j<=i} ((q_i.k_j) scale)^2 v_j, built with the `TNBuilder` ``tn``: the square is
+        two copies of the scores sharing an index; the key sum is one key index over 0..i."""
+        q = positional.tensor_network(tn, tn.project(x, self.q_proj, label="q"), op="rotate")
+        k = positional.tensor_network(tn, tn.project(x, self.k_proj, label="k"), op="rotate")
+        v = tn.project(x, self.v_proj, label="v")
+
+        def at(i):
+            keys = tn.causal_keys(i)
+            s1 = tn.head_dot(q(i), keys(k), self.n_head, scale=self.scale)
+            s2 = tn.head_dot(q(i), keys(k), self.n_head, scale=self.scale)
+            z = tn.head_scale(tn.mul(s1, s2, label="pattern"), keys(v), self.n_head)
+            return tn.linear(keys.sum(z), self.out_proj.weight, self.out_proj.bias, label="attn_out")
+
+        return tn.stream(at, self.out_proj.out_features, "attn_out")
+
+    def qk_factors(self):
+        """The (q_proj, k_proj, scale) pairs whose scaled scores multiply into the pattern."""
+        return [(self.q_proj, self.k_proj, self.scale)] * 2
+
 
 def recurrent_mix(module, state: dict, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None,
                   q2: Tensor | None = None, k2: Tensor | None = None) -> Tensor:

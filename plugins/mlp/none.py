@@ -14,3 +14,8 @@ class NoMLP(MLP):
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.zeros_like(x)
+
+    def tensor_network(self, tn, x):
+        """The zero vector at every position (qtoy_core.analysis.tensor_network)."""
+        zeros = torch.zeros(x.dim)
+        return tn.stream(lambda t: tn.constant(zeros, label="mlp_out"), x.dim, "mlp_out")

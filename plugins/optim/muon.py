@@ -52,7 +52,7 @@ def build_muon(named_parameters, config) -> MuonWithAdamW:
     muon = torch.optim.Muon(
         [{"name": "muon", "params": [p for _, p in hidden], "param_names": [n for n, _ in hidden]}],
         lr=config.lr, weight_decay=config.weight_decay, momentum=config.momentum, nesterov=config.nesterov,
-        ns_coefficients=config.ns_coefficients, ns_steps=config.ns_steps,
+        ns_coefficients=config.ns_coefficients, ns_steps=config.ns_steps, eps=config.eps,
         adjust_lr_fn="original",  # update scaled by max(1, rows/cols)^0.5
     )
     adamw = None

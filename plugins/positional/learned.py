@@ -14,3 +14,11 @@ class LearnedPositional(Positional):
 
     def embed(self, positions: Tensor) -> Tensor:
         return self.W_pos[positions]
+
+    # -- optional capability: exact tensor network (qtoy_core.analysis.tensor_network) -------------
+    def tensor_network(self, tn, x, *, op):
+        """op "embed": adds W_pos[t] at position t; "rotate": x unchanged."""
+        if op != "embed":
+            return x
+        rows = list(self.W_pos.detach())  # one object per position, shared by every copy
+        return x.map(lambda w, t: tn.add_constant(w, rows[t], label="resid"))

@@ -6,3 +6,7 @@ class NoPositional(Positional):
 
     def __init__(self, model, config):
         super().__init__()
+
+    def tensor_network(self, tn, x, *, op):
+        """Nothing to add or rotate (qtoy_core.analysis.tensor_network)."""
+        return x

@@ -30,3 +30,18 @@ class RoPE(Positional):
     def rotate(self, x: Tensor, positions: Tensor) -> Tensor:
         cos, sin = self.angles(positions)
         return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
+
+    # -- optional capability: exact tensor network (qtoy_core.analysis.tensor_network) -------------
+    def tensor_network(self, tn, x, *, op):
+        """op "rotate": each head of the flat query/key stream times the position's rotation matrix
+        (read off `rotate` itself, so the float32 angles match the forward exactly); "embed": x."""
+        if op != "rotate":
+            return x
+        from qtoy_core.analysis.tensor_network import rotation_matrices
+
+        d_head = 2 * self.inv_freq.shape[0]
+        if x.dim % d_head:
+            raise ValueError(f"rope: a stream of width {x.dim} does not split into heads of {d_head}")
+        rots = rotation_matrices(self, range(tn.n_ctx), d_head)
+        mats = [torch.block_diag(*[r] * (x.dim // d_head)) for r in rots]  # one object per position
+        return x.map(lambda w, t: tn.linear(w, mats[t], label=w.label))

@@ -1,0 +1,51 @@
+"""Analysis of qtoy models: weight views, factored circuits, the activation cache, tensor networks.
+
+    from qtoy_core.analysis import analyze_model, qk_circuit, ov_circuit, model_weights
+    report = analyze_model(model, tokenizer, top_k=10)     # one JSON-able dict
+    logits, cache = model.run_with_cache(tokens)            # or run_with_cache(model, tokens)
+
+Modules: `weights` (per-head weight views through the components' ``weight_views()``), `circuits`
+(direct path, QK/OV circuits as `FactoredMatrix`, RoPE kernels, composition, bilinear MLP
+eigendecomposition, `analyze_model`), `cache` (`run_with_cache`, hook names), `factored`
+(`FactoredMatrix`), `tensor_network` (exact quimb networks). Names load lazily on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    # weights
+    "ModelWeights": ".weights", "LayerWeights": ".weights", "model_weights": ".weights",
+    "component_views": ".weights", "relative_rotations": ".weights",
+    # circuits
+    "analyze_model": ".circuits", "analyze_layer_heads": ".circuits", "direct_path": ".circuits",
+    "direct_path_top": ".circuits", "qk_circuit": ".circuits", "qk_matrix": ".circuits",
+    "qk_kernel": ".circuits", "ov_circuit": ".circuits", "ov_matrix": ".circuits",
+    "positional_qk": ".circuits", "spectrum": ".circuits", "search_topk": ".circuits", "top_pairs": ".circuits",
+    "composition_scores": ".circuits", "composition_baseline": ".circuits", "rank_head_pairs": ".circuits",
+    "induction_heads": ".circuits", "mlp_interaction": ".circuits", "mlp_eigen": ".circuits",
+    "TokenPair": ".circuits", "TopPairs": ".circuits", "Spectrum": ".circuits", "PositionalKernel": ".circuits",
+    "QKCircuit": ".circuits", "OVCircuit": ".circuits", "HeadCircuits": ".circuits",
+    "CompositionScores": ".circuits", "HeadPair": ".circuits", "MLPEigen": ".circuits",
+    "EigenDirection": ".circuits",
+    # cache
+    "run_with_cache": ".cache", "hook_names": ".cache",
+    # factored
+    "FactoredMatrix": ".factored", "composition_score": ".factored",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,0 +1,285 @@
+#!/usr/bin/env python
+"""Scaling of causal quadratic attention: plain (materialised T x T pattern) vs chunked (linear time).
+
+Times forward + backward of ``qtoy_core.ops.quadratic.quadratic_attention`` with ``impl="plain"``
+and ``impl="chunked"`` for a range of sequence lengths, head sizes and dtypes. Runs of the two
+implementations alternate (so background load hits both alike) and the median is reported, with the
+ratio plain/chunked and, per (dtype, d_head) setting, the crossover length from which chunked wins.
+
+Also reports the forward accuracy of each implementation against a float64 reference (the chunked
+form in float64, which the tests show equals the plain one to 1e-10 relative), which matters for bf16.
+
+Examples::
+
+    python benchmarks/attention_scaling.py                 # full table (a few minutes on 2 cores)
+    python benchmarks/attention_scaling.py --quick         # < 1 minute
+    python benchmarks/attention_scaling.py --json > out.json
+    python benchmarks/attention_scaling.py --compare-carry # matmul vs cumsum vs loop state carry
+    python benchmarks/attention_scaling.py --bilinear      # the bilinear form (D^2 features)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from qtoy_core.ops import quadratic as qa
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# (T, T) temporaries alive at once in plain forward+backward (scores, pattern, masked pattern and
+# their gradients), used to decide when plain is skipped for memory.
+PLAIN_TT_TENSORS = 6
+
+
+def log(*args) -> None:
+    print(*args, file=sys.stderr, flush=True)
+
+
+def make_inputs(batch, heads, t, d, dtype, bf16_mode, bilinear, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    store = torch.float32 if (dtype == torch.bfloat16 and bf16_mode == "autocast") else dtype
+    n = 5 if bilinear else 3
+    xs = [torch.randn(batch, heads, t, d, generator=g).to(store).requires_grad_() for _ in range(n)]
+    return xs
+
+
+def attend(impl, q, k, v, scale, q2, k2, chunk_size):
+    if impl.startswith("chunked-"):  # state-carry variants of the chunked form
+        carry = impl.split("-", 1)[1]
+        return qa._chunked(q, k, v, scale, q2, k2, chunk_size or qa.DEFAULT_CHUNK_SIZE, carry=carry)[0]
+    return qa.quadratic_attention(q, k, v, scale=scale, q2=q2, k2=k2, impl=impl, chunk_size=chunk_size)
+
+
+TIMERS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def run_once(impl, xs, scale, dtype, bf16_mode, chunk_size, timer=time.perf_counter) -> float:
+    for x in xs:
+        x.grad = None
+    q, k, v = xs[:3]
+    q2, k2 = (xs[3], xs[4]) if len(xs) == 5 else (None, None)
+    autocast = dtype == torch.bfloat16 and bf16_mode == "autocast"
+    t0 = timer()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        z = attend(impl, q, k, v, scale, q2, k2, chunk_size)
+    z.float().sum().backward()
+    return timer() - t0
+
+
+def rel_err(z, ref) -> float:
+    return ((z.double() - ref).norm() / ref.norm()).item()
+
+
+def accuracy(xs, scale, dtype, bf16_mode, chunk_size, impls, max_plain_t):
+    """Forward relative error (Frobenius) of each implementation vs the float64 chunked result."""
+    with torch.no_grad():
+        x64 = [x.detach().double() for x in xs]
+        q, k, v = x64[:3]
+        q2, k2 = (x64[3], x64[4]) if len(x64) == 5 else (None, None)
+        ref = qa.quadratic_attention(q, k, v, scale=scale, q2=q2, k2=k2, impl="chunked")
+        out = {}
+        autocast = dtype == torch.bfloat16 and bf16_mode == "autocast"
+        xd = [x.detach() for x in xs]
+        q, k, v = xd[:3]
+        q2, k2 = (xd[3], xd[4]) if len(xd) == 5 else (None, None)
+        for impl in impls:
+            if impl == "plain" and q.shape[-2] > max_plain_t:
+                continue
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                z = attend(impl, q, k, v, scale, q2, k2, chunk_size)
+            out[impl] = rel_err(z, ref)
+        return out
+
+
+def crossover(rows):
+    """Smallest T from which chunked is at least as fast as plain for every larger measured T (None
+    if never), and a log-interpolated estimate of where the ratio crosses 1."""
+    pts = [(r["T"], r["ratio"]) for r in rows if r.get("ratio") is not None]
+    if not pts:
+        return None, None
+    first = None
+    for i, (t, _) in enumerate(pts):
+        if all(rr >= 1.0 for _, rr in pts[i:]):
+            first = t
+            break
+    if first is None:
+        return None, None
+    i = [t for t, _ in pts].index(first)
+    if i == 0:  # chunked already wins at the smallest measured T
+        return first, None
+    (t0, r0), (t1, r1) = pts[i - 1], pts[i]
+    a, b, la, lb = math.log(t0), math.log(t1), math.log(r0), math.log(r1)
+    est = math.exp(a + (b - a) * (0.0 - la) / (lb - la)) if lb != la else float(t1)
+    return first, est
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--T", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096, 8192], help="sequence lengths")
+    p.add_argument("--d", type=int, nargs="+", default=[32, 64], help="head sizes")
+    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
+    p.add_argument("--bf16-mode", choices=["tensors", "autocast"], default="tensors",
+                   help="bf16 as bf16 tensors, or fp32 tensors under torch.autocast(bf16)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per implementation (median)")
+    p.add_argument("--chunk-size", type=int, default=None, help=f"default {qa.DEFAULT_CHUNK_SIZE}")
+    p.add_argument("--bilinear", action="store_true", help="time the bilinear form (q2, k2; D^2 features)")
+    p.add_argument("--compare-carry", action="store_true",
+                   help="also time the other ways of carrying the state across chunks: cumulative sum over "
+                        "the chunk states (chunked-cumsum) and a python loop over chunks (chunked-loop); "
+                        "the default (chunked) is an exclusive prefix sum by a triangular matmul")
+    p.add_argument("--max-plain-gb", type=float, default=6.0,
+                   help="skip plain when its (T, T) temporaries would need more memory than this")
+    p.add_argument("--max-plain-s", type=float, default=20.0,
+                   help="skip plain at larger T once one run took longer than this")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--timer", choices=sorted(TIMERS), default="wall",
+                   help="wall: wall-clock (default); cpu: process CPU time, which ignores time spent "
+                        "descheduled: use it with --threads 1 when other jobs share the cores")
+    p.add_argument("--no-accuracy", action="store_true", help="skip the float64 accuracy check")
+    p.add_argument("--quick", action="store_true", help="small sweep that finishes in under a minute")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout (nothing else)")
+    args = p.parse_args(argv)
+
+    if args.quick:
+        args.T = [t for t in args.T if t <= 2048] or [256, 512, 1024, 2048]
+        args.repeats = min(args.repeats, 3)
+        args.no_accuracy = True
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    timer = TIMERS[args.timer]
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    impls = ["plain", "chunked"] + (["chunked-cumsum", "chunked-loop"] if args.compare_carry else [])
+    results = []
+    started = time.perf_counter()
+    for dname in args.dtypes:
+        dtype = DTYPES[dname]
+        for d in args.d:
+            scale = 1.0 / d
+            rows = []
+            plain_too_slow = False
+            for t in args.T:
+                xs = make_inputs(args.batch, args.heads, t, d, dtype, args.bf16_mode, args.bilinear)
+                elem = 2 if dtype == torch.bfloat16 else 4
+                plain_gb = PLAIN_TT_TENSORS * args.batch * args.heads * t * t * elem * (2 if args.bilinear else 1) / 1e9
+                run_impls = list(impls)
+                skipped = None
+                if plain_gb > args.max_plain_gb:
+                    skipped = f"memory ~{plain_gb:.1f} GB > {args.max_plain_gb} GB"
+                elif plain_too_slow:
+                    skipped = f"time: a run at smaller T took > {args.max_plain_s} s"
+                if skipped:
+                    run_impls.remove("plain")
+                times = {i: [] for i in run_impls}
+                for i in run_impls:  # warm-up (allocations, lazy init)
+                    run_once(i, xs, scale, dtype, args.bf16_mode, args.chunk_size, timer)
+                for r in range(args.repeats):
+                    order = run_impls if r % 2 == 0 else run_impls[::-1]
+                    for i in order:
+                        times[i].append(run_once(i, xs, scale, dtype, args.bf16_mode, args.chunk_size, timer))
+                row = {"dtype": dname, "d_head": d, "T": t}
+                for i in impls:
+                    row[f"{i}_s"] = statistics.median(times[i]) if times.get(i) else None
+                row["plain_skipped"] = skipped
+                row["ratio"] = (row["plain_s"] / row["chunked_s"]) if row["plain_s"] else None
+                if not args.no_accuracy:
+                    row["rel_err"] = accuracy(xs, scale, dtype, args.bf16_mode, args.chunk_size, impls,
+                                              max_plain_t=t if not skipped else 0)
+                if row["plain_s"] and row["plain_s"] > args.max_plain_s:
+                    plain_too_slow = True
+                rows.append(row)
+                log(f"[{time.perf_counter() - started:6.1f}s] {dname} d={d} T={t}: "
+                    + ", ".join(f"{i}={row[f'{i}_s']:.4f}s" for i in impls if row[f"{i}_s"] is not None)
+                    + (f", ratio={row['ratio']:.2f}" if row["ratio"] else f" (plain skipped: {skipped})"))
+                del xs
+            first, est = crossover(rows)
+            results.append({"dtype": dname, "d_head": d, "rows": rows, "crossover_T": first, "crossover_T_interp": est})
+
+    meta = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "batch": args.batch,
+        "heads": args.heads,
+        "repeats": args.repeats,
+        "chunk_size": args.chunk_size or qa.DEFAULT_CHUNK_SIZE,
+        "bf16_mode": args.bf16_mode,
+        "bilinear": args.bilinear,
+        "measure": f"median {'wall-clock' if args.timer == 'wall' else 'process CPU'} seconds of forward + backward",
+        "timer": args.timer,
+        "cpu_count": os.cpu_count(),
+        "loadavg_1min_before_after": [load_before, os.getloadavg()[0] if hasattr(os, "getloadavg") else None],
+        "CHUNKED_FROM_T": qa.CHUNKED_FROM_T,
+        "total_s": time.perf_counter() - started,
+    }
+    if args.json:
+        print(json.dumps({"meta": meta, "settings": results}))
+        return 0
+    print_table(results, meta, impls)
+    return 0
+
+
+def _fmt_s(x):
+    return "-" if x is None else (f"{x * 1e3:.1f} ms" if x < 1 else f"{x:.2f} s")
+
+
+def print_table(results, meta, impls) -> None:
+    header = ["dtype", "d_head", "T", "plain", "chunked", "plain/chunked"]
+    extra = [i for i in impls if i.startswith("chunked-")]
+    header += extra
+    have_err = any("rel_err" in r for s in results for r in s["rows"])
+    if have_err:
+        header += ["err plain", "err chunked"]
+    header += ["note"]
+    body = []
+    for s in results:
+        for r in s["rows"]:
+            line = [r["dtype"], str(r["d_head"]), str(r["T"]), _fmt_s(r["plain_s"]), _fmt_s(r["chunked_s"]),
+                    "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"]
+            line += [_fmt_s(r[f"{i}_s"]) for i in extra]
+            if have_err:
+                e = r.get("rel_err", {})
+                line += [f"{e['plain']:.1e}" if "plain" in e else "-", f"{e['chunked']:.1e}" if "chunked" in e else "-"]
+            line += [f"plain skipped ({r['plain_skipped']})" if r["plain_skipped"] else ""]
+            body.append(line)
+    cross = [f"{s['dtype']} d_head={s['d_head']}: chunked faster from T={s['crossover_T']}"
+             + (f" (interpolated ~{s['crossover_T_interp']:.0f})" if s["crossover_T_interp"] else "")
+             for s in results]
+    title = (f"causal quadratic attention, forward+backward, batch {meta['batch']}, {meta['heads']} heads, "
+             f"chunk {meta['chunk_size']}, {meta['threads']} threads, median {meta['timer']} time of {meta['repeats']}, "
+             f"load avg {meta['loadavg_1min_before_after'][0]:.1f}->{meta['loadavg_1min_before_after'][1]:.1f} "
+             f"on {meta['cpu_count']} cpus"
+             + (", bilinear" if meta["bilinear"] else ""))
+    try:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=title)
+        for h in header:
+            table.add_column(h, justify="left" if h in ("dtype", "note") else "right")
+        for line in body:
+            table.add_row(*line)
+        console = Console()
+        console.print(table)
+        for c in cross:
+            console.print(c)
+    except ImportError:  # plain-text fallback
+        print(title)
+        widths = [max(len(h), *(len(l[i]) for l in body)) for i, h in enumerate(header)]
+        print("  ".join(h.rjust(w) for h, w in zip(header, widths)))
+        for line in body:
+            print("  ".join(c.rjust(w) for c, w in zip(line, widths)))
+        for c in cross:
+            print(c)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

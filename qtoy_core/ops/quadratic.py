@@ -1,0 +1,533 @@
+"""Causal quadratic and bilinear attention kernels.
+
+Quadratic attention replaces the softmax of ordinary attention by a square::
+
+    scores  = (q . k) * scale
+    pattern = scores ** 2            (causal: zero above the diagonal, no normalisation)
+    z       = pattern @ v
+
+Bilinear attention uses two query/key pairs, ``pattern = ((q1.k1)*scale) * ((q2.k2)*scale)``;
+quadratic attention is the special case ``q1 = q2, k1 = k2``.
+
+Two equivalent implementations:
+
+* ``plain``: materialises the (Tq, Tk) pattern. Cost O(Tq Tk D), memory O(Tq Tk).
+* ``chunked``: the linear-attention form. Since ``(q.k)^2 = <phi(q), phi(k)>`` with
+  ``phi(x) = x (x) x`` restricted to its symmetric part (``F = D(D+1)/2`` features, see
+  :func:`symmetric_features`), causal quadratic attention is causal *linear* attention with feature
+  map ``phi``. The sequence is cut into chunks of ``C`` positions; inside a chunk the exact masked
+  (C x C) quadratic form is used, and the contribution of all earlier chunks comes from a running
+  state ``S = sum_j phi(k_j) v_j^T`` of shape (B, H, F, D). Cost O(T (F D + C D)), memory
+  O(T F + (T/C) F D); it never builds a (T, T) tensor. For the bilinear form ``phi(q1, q2) = q1 (x) q2``
+  (``D^2`` features, no symmetry to exploit).
+
+The running state is accumulated in float32 when the inputs are bfloat16/float16 (and in the input
+dtype otherwise), so long prefixes do not lose the small late contributions to bf16 rounding.
+
+:class:`QuadraticAttentionState` carries the same state token by token for generation: constant time
+and memory per token, whatever the prefix length.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "CHUNKED_FROM_T",
+    "DEFAULT_CHUNK_SIZE",
+    "MAX_CHUNKED_FEATURES",
+    "QuadraticAttentionState",
+    "feature_dim",
+    "quadratic_attention",
+    "symmetric_feature_pairs",
+    "symmetric_features",
+]
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch constants (measured with benchmarks/attention_scaling.py on the 2-core AVX-512/AMX CPU
+# this repository is developed on; see the comment block for the figures).
+# ---------------------------------------------------------------------------------------------
+
+#: ``impl="auto"`` switches to the chunked form once the (harmonic-mean) sequence length
+#: ``2*Tq*Tk/(Tq+Tk)`` (= T for self-attention) reaches this value. Filled in from the benchmark.
+CHUNKED_FROM_T = 1024
+
+#: ``impl="auto"`` never uses the chunked form when the feature dimension exceeds this (the chunked
+#: cost grows like F*D per token; for the bilinear form F = D^2).
+MAX_CHUNKED_FEATURES = 2080
+
+#: Default chunk length of the chunked form (``chunk_size=None``). Filled in from the benchmark.
+DEFAULT_CHUNK_SIZE = 256
+
+_SQRT2 = math.sqrt(2.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Feature maps
+# ---------------------------------------------------------------------------------------------
+
+
+def feature_dim(d_head: int, *, bilinear: bool = False) -> int:
+    """Number of linear-attention features: D(D+1)/2 (quadratic) or D^2 (bilinear)."""
+    return d_head * d_head if bilinear else d_head * (d_head + 1) // 2
+
+
+def symmetric_feature_pairs(d: int, device=None) -> tuple[Tensor, Tensor]:
+    """Index pairs ``(i, j)`` of the features of :func:`symmetric_features`, each a LongTensor (F,).
+
+    Feature ``f`` equals ``x[i[f]] * x[j[f]]``, times ``sqrt(2)`` when ``i[f] != j[f]``. The order is by
+    cyclic offset: first the diagonal ``(i, i)``, then ``(i, (i+s) mod d)`` for ``s = 1, 2, ...``
+    (for even ``d`` the last offset ``s = d/2`` only for ``i < d/2``). Every unordered pair appears
+    exactly once. To turn a feature vector ``f`` back into a symmetric matrix ``M`` with
+    ``x^T M x = <f, phi(x)>``: ``M[i, j] = M[j, i] = f * (1 if i == j else 1/sqrt(2))``.
+    """
+    h = d // 2
+    ii, jj = [], []
+    ar = torch.arange(d)
+    n_full = h if d % 2 else h - 1  # offsets 1..n_full use all d positions
+    ii.append(ar)
+    jj.append(ar)
+    for s in range(1, n_full + 1):
+        ii.append(ar)
+        jj.append((ar + s) % d)
+    if d % 2 == 0 and d >= 2:
+        ii.append(ar[:h])
+        jj.append(ar[:h] + h)
+    i = torch.cat(ii)
+    j = torch.cat(jj)
+    return i.to(device), j.to(device)
+
+
+def _sym_layout(d: int) -> tuple[int, int, bool]:
+    """(h, number of full off-diagonal offsets, has a half last offset)."""
+    h = d // 2
+    even = d % 2 == 0 and d >= 2
+    return h, (h - 1 if even else h), even
+
+
+class _SymmetricFeatures(torch.autograd.Function):
+    """phi(x) for the cyclic-offset layout of :func:`symmetric_feature_pairs`, with a hand-written
+    backward (a handful of strided ops instead of autograd's gather/scatter, which is several times
+    slower on CPU)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        d = x.shape[-1]
+        h, m, even = _sym_layout(d)
+        f_dim = d * (d + 1) // 2
+        out = x.new_empty(x.shape[:-1] + (f_dim,))
+        torch.mul(x, x, out=out[..., :d])
+        xs = x * _SQRT2
+        if m > 0:
+            xx = torch.cat([x, x], dim=-1)
+            win = xx.unfold(-1, d, 1)[..., 1 : m + 1, :]  # win[..., s-1, i] = x[(i+s) % d]
+            mid = out[..., d : d + m * d].unflatten(-1, (m, d))
+            torch.mul(xs.unsqueeze(-2), win, out=mid)
+        if even:
+            torch.mul(xs[..., :h], x[..., h:], out=out[..., d + m * d :])
+        ctx.save_for_backward(x)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:  # type: ignore[override]
+        # phi[0, i] = x_i^2, phi[s, i] = sqrt2 x_i x_{(i+s) % d} (s = 1..m), last half row (even d)
+        # phi[h, i] = sqrt2 x_i x_{i+h} (i < h). d/dx_i collects g[s, i] x_{i+s} (i is the first
+        # factor, "aligned") and g[s, i-s] x_{i-s} (i is the second factor, "skewed").
+        (x,) = ctx.saved_tensors
+        d = x.shape[-1]
+        h, m, even = _sym_layout(d)
+        xs = x * _SQRT2
+        dx = 2.0 * g[..., :d] * x
+        if m > 0:
+            gm = g[..., d : d + m * d].unflatten(-1, (m, d))  # gm[..., s-1, i]: pair (i, i+s)
+            # pp = [P | P] with P[s-1, i] = g[s, i] sqrt2 x_i; the skewed view
+            # skew[s-1, j] = pp[s-1, j - s + d] = P[s-1, (j - s) % d] sums over s to the skewed part
+            pp = x.new_empty(x.shape[:-1] + (m, 2 * d))
+            torch.mul(gm, xs.unsqueeze(-2), out=pp[..., :d])
+            pp[..., d:].copy_(pp[..., :d])
+            skew = pp.as_strided(pp.shape[:-2] + (m, d), pp.stride()[:-2] + (2 * d - 1, 1), d - 1)
+            # add the aligned part in place (no temporary): skew[s-1, i] += g[s, i] sqrt2 x_{i+s}
+            xx = torch.cat([xs, xs], dim=-1)
+            win = xx.unfold(-1, d, 1)[..., 1 : m + 1, :]  # win[..., s-1, i] = sqrt2 x_{(i+s) % d}
+            skew.addcmul_(gm, win)
+            dx = dx + skew.sum(-2)
+        if even:
+            gh = g[..., d + m * d :]
+            dx[..., :h].addcmul_(gh, xs[..., h:])
+            dx[..., h:].addcmul_(gh, xs[..., :h])
+        return dx
+
+
+def symmetric_features(x: Tensor) -> Tensor:
+    """Symmetric outer-product feature map, last dim D -> D(D+1)/2.
+
+    ``<symmetric_features(a), symmetric_features(b)> == (a . b) ** 2`` exactly: the features are the
+    products ``x_i x_j`` over unordered pairs, with ``sqrt(2)`` on the off-diagonal ones. The feature
+    order is given by :func:`symmetric_feature_pairs`. Differentiable (hand-written backward).
+    """
+    if torch.compiler.is_compiling():
+        # out= into strided views graph-breaks dynamo: a functional version instead, whose backward
+        # autograd derives and the compiler fuses
+        return _symmetric_features_functional(x)
+    return _SymmetricFeatures.apply(x)
+
+
+def _symmetric_features_functional(x: Tensor) -> Tensor:
+    """Same values and layout as :class:`_SymmetricFeatures`, from differentiable tensor ops only."""
+    d = x.shape[-1]
+    h, m, even = _sym_layout(d)
+    xs = x * _SQRT2
+    parts = [x * x]
+    if m > 0:
+        win = torch.cat([x, x], dim=-1).unfold(-1, d, 1)[..., 1 : m + 1, :]
+        parts.append((xs.unsqueeze(-2) * win).flatten(-2))
+    if even:
+        parts.append(xs[..., :h] * x[..., h:])
+    return torch.cat(parts, dim=-1)
+
+
+def _bilinear_features(x1: Tensor, x2: Tensor) -> Tensor:
+    """phi(x1, x2) = x1 (x) x2, flattened (feature f = i*D + j is x1_i x2_j)."""
+    return (x1.unsqueeze(-1) * x2.unsqueeze(-2)).flatten(-2)
+
+
+def _features(x: Tensor, x2: Tensor | None) -> Tensor:
+    return symmetric_features(x) if x2 is None else _bilinear_features(x, x2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain (materialised) form
+# ---------------------------------------------------------------------------------------------
+
+
+def _make_future_mask(tq: int, tk: int, device) -> Tensor:
+    """Bool (tq, tk), True where key j is in the future of query i (j > tk - tq + i)."""
+    return torch.ones(tq, tk, dtype=torch.bool, device=device).triu_(tk - tq + 1)
+
+
+_cached_future_mask = functools.lru_cache(maxsize=16)(_make_future_mask)
+
+
+def _future_mask(tq: int, tk: int, device) -> Tensor:
+    if torch.compiler.is_compiling():
+        return _make_future_mask(tq, tk, device)
+    return _cached_future_mask(tq, tk, torch.device(device))
+
+
+def _plain(q, k, v, scale, q2, k2) -> Tensor:
+    tq, tk = q.shape[-2], k.shape[-2]
+    scores = (q * scale) @ k.transpose(-1, -2)
+    if q2 is None:
+        pattern = scores.square()
+    else:
+        pattern = scores * ((q2 * scale) @ k2.transpose(-1, -2))
+    pattern = pattern.masked_fill(_future_mask(tq, tk, q.device), 0.0)
+    return pattern @ v
+
+
+# ---------------------------------------------------------------------------------------------
+# Chunked (linear-time) form
+# ---------------------------------------------------------------------------------------------
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+def _exclusive_prefix_matrix(n: int, m: int, dtype, device) -> Tensor:
+    """(n, m) with entry [i, j] = 1 for j < i: ``L @ states`` sums the states of earlier chunks."""
+    return torch.ones(n, m, dtype=dtype, device=device).tril_(-1)
+
+
+def _chunk_states(phik: Tensor, v: Tensor, acc: torch.dtype) -> Tensor:
+    """Transposed state of a chunk, sum_j v_j phi(k_j)^T: (..., c, F), (..., c, D) -> (..., D, F), in
+    ``acc``. (States are kept as (D, F) internally: then the gradients of the features come out of
+    the matmuls contiguous, which the feature backward wants.)"""
+    return (v.transpose(-1, -2) @ phik).to(acc)
+
+
+def _group(qc, q2c, kc, k2c, vc, state, acc, need_state: bool, carry: str):
+    """Chunked attention for n chunks at once; inputs (B, H, n, c, D), already scaled queries.
+
+    ``state`` (B, H, D, F) (transposed) or None: keys before the first chunk. Returns z (B, H, n, c, D)
+    and the (transposed) state after the last chunk (None unless ``need_state``).
+    """
+    n = qc.shape[2]
+    c = qc.shape[3]
+    # exact masked quadratic form inside each chunk
+    scores = qc @ kc.transpose(-1, -2)
+    pattern = scores.square() if q2c is None else scores * (q2c @ k2c.transpose(-1, -2))
+    pattern = pattern.masked_fill(_future_mask(c, c, qc.device), 0.0)
+    z = pattern @ vc
+    if n == 1 and state is None and not need_state:
+        return z, None
+    # per-chunk states; the last chunk's own state is only needed for the state after the group
+    n_st = n if need_state else n - 1
+    st = None
+    if n_st > 0:
+        st = _chunk_states(_features(kc[:, :, :n_st], None if k2c is None else k2c[:, :, :n_st]), vc[:, :, :n_st], acc)
+    # state seen by each chunk: initial state + all earlier chunks of the group
+    if st is None:
+        prev = state.unsqueeze(2)
+    else:
+        b, h, _, d_v, f_dim = st.shape
+        if carry == "cumsum":
+            prev = torch.nn.functional.pad(st[:, :, : n - 1].cumsum(2), (0, 0, 0, 0, 1, 0))
+        else:  # "matmul": one (n, n_st) triangular matmul, a single pass over the states
+            lmat = _exclusive_prefix_matrix(n, n_st, acc, st.device)
+            prev = (lmat @ st.flatten(-2)).unflatten(-1, (d_v, f_dim))
+        if state is not None:
+            prev = prev + state.unsqueeze(2)
+    phiq = _features(qc, q2c)
+    z = z + phiq @ prev.to(phiq.dtype).transpose(-1, -2)
+    new_state = None
+    if need_state:
+        new_state = prev[:, :, -1] + st[:, :, -1]
+    return z, new_state
+
+
+#: The chunked form processes several chunks at once (vectorised), as many as keep the feature tensor
+#: of a group (batch * heads * tokens * F elements) under this many bytes: fewer, larger kernels
+#: (which matters when the 2 cores are shared), while each temporary stays small enough to be served
+#: from the allocator's free lists and caches (larger groups measured slower on this CPU).
+GROUP_BYTES = 16 * 2**20
+
+
+def _group_chunks(batch_heads: int, chunk: int, f_dim: int, itemsize: int) -> int:
+    return max(1, GROUP_BYTES // max(1, batch_heads * chunk * f_dim * itemsize))
+
+
+def _chunked(q, k, v, scale, q2, k2, chunk_size: int, state: Tensor | None = None, *,
+             need_state: bool = False, carry: str = "matmul", group_chunks: int | None = None):
+    """Chunked causal quadratic/bilinear attention.
+
+    Chunks are aligned on absolute positions (multiples of ``chunk_size`` from key 0). Chunks that hold
+    no query only feed the state. The others are processed ``group_chunks`` at a time, all chunks of
+    a group at once (the state seen by each chunk is the initial state plus an exclusive prefix sum
+    of the chunk states, by a triangular matmul or a cumsum: ``carry``); ``carry="loop"`` processes
+    one chunk at a time instead. ``state`` (B, H, F, D): keys that precede ``k``. Returns
+    ``(z, final_state)`` (final_state None unless ``need_state``; in the accumulation dtype, float32
+    for half-precision inputs).
+    """
+    b, h, tq, d = q.shape
+    tk = k.shape[-2]
+    prefix = tk - tq
+    c = int(chunk_size)
+    acc = _acc_dtype(torch.promote_types(q.dtype, v.dtype))
+    if state is not None:
+        acc = torch.promote_types(acc, state.dtype)
+    f_dim = feature_dim(d, bilinear=q2 is not None)
+    if carry == "loop":
+        group = 1
+    elif group_chunks:
+        group = int(group_chunks)
+    else:
+        group = _group_chunks(b * h, c, f_dim, q.element_size())
+    if state is not None:
+        state = state.transpose(-1, -2).to(acc)  # internal layout (B, H, D, F)
+    if tq == 0:
+        return q.new_zeros(b, h, 0, v.shape[-1]), None if state is None else state.transpose(-1, -2)
+    # keys before the first chunk holding a query: state only
+    pre = (prefix // c) * c
+    for g0 in range(0, pre, c * group):
+        g1 = min(g0 + c * group, pre)
+        k2s = None if k2 is None else k2[:, :, g0:g1]
+        st = _chunk_states(_features(k[:, :, g0:g1], k2s), v[:, :, g0:g1], acc)
+        state = st if state is None else state + st
+    # the rest, chunked; queries front-padded so that row r of the padded block is position pre + r
+    lead = prefix - pre
+    length = tk - pre
+    n = -(-length // c)
+    pad_end = n * c - length
+
+    def blocks(x, front=0):
+        x = torch.nn.functional.pad(x, (0, 0, front, pad_end)) if (front or pad_end) else x
+        return x.unflatten(-2, (n, c))
+
+    qb = blocks(q * scale, lead)
+    q2b = None if q2 is None else blocks(q2 * scale, lead)
+    kb, vb = blocks(k[:, :, pre:]), blocks(v[:, :, pre:])
+    k2b = None if k2 is None else blocks(k2[:, :, pre:])
+    outs = []
+    for g0 in range(0, n, group):
+        g1 = min(g0 + group, n)
+        last = g1 == n
+        zg, new_state = _group(
+            qb[:, :, g0:g1], None if q2b is None else q2b[:, :, g0:g1],
+            kb[:, :, g0:g1], None if k2b is None else k2b[:, :, g0:g1], vb[:, :, g0:g1],
+            state, acc, need_state or not last, carry,
+        )
+        outs.append(zg)
+        state = new_state
+    z = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    z = z.flatten(2, 3)
+    if lead or pad_end:
+        z = z[:, :, lead : lead + tq]
+    return z, None if state is None else state.transpose(-1, -2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_inputs(q, k, v, q2, k2):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("q, k, v must be (batch, heads, time, d_head)")
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"k and v disagree on time: {k.shape[-2]} vs {v.shape[-2]}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k disagree on d_head: {q.shape[-1]} vs {k.shape[-1]}")
+    if q.shape[-2] > k.shape[-2]:
+        raise ValueError(f"Tq={q.shape[-2]} > Tk={k.shape[-2]}: queries need their keys")
+    if (q2 is None) != (k2 is None):
+        raise ValueError("q2 and k2 must be given together (bilinear form) or not at all")
+    if q2 is not None and (q2.shape != q.shape or k2.shape != k.shape):
+        raise ValueError("q2/k2 must have the shapes of q/k")
+
+
+def _apply_key_mask(v: Tensor, key_mask) -> Tensor:
+    if key_mask is None:
+        return v
+    key_mask = torch.as_tensor(key_mask, device=v.device)
+    if key_mask.shape != (v.shape[0], v.shape[-2]):
+        raise ValueError(f"key_mask must be (batch, Tk) = {(v.shape[0], v.shape[-2])}, got {tuple(key_mask.shape)}")
+    keep = key_mask.to(torch.bool)[:, None, :, None]
+    # a padded key multiplies a zero value: it contributes nothing (and no gradient flows to it)
+    return v.masked_fill(~keep, 0.0)
+
+
+def _use_chunked(tq: int, tk: int, d: int, bilinear: bool) -> bool:
+    if feature_dim(d, bilinear=bilinear) > MAX_CHUNKED_FEATURES:
+        return False
+    # plain ~ Tq*Tk, chunked ~ (Tq+Tk)*F: compare via the harmonic-mean length (T for Tq = Tk)
+    effective = 2 * tq * tk / max(tq + tk, 1)
+    return effective >= CHUNKED_FROM_T
+
+
+def quadratic_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    scale: float,
+    q2: Tensor | None = None,
+    k2: Tensor | None = None,
+    key_mask: Tensor | None = None,
+    impl: str = "auto",
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Causal quadratic (or, with ``q2``/``k2``, bilinear) attention.
+
+    Args:
+        q: (B, H, Tq, D) queries; query ``i`` sits at absolute position ``Tk - Tq + i``.
+        k, v: (B, H, Tk, D) keys/values, key ``j`` at position ``j``. Causal: a query at position
+            ``p`` sees the keys ``j <= p``.
+        scale: multiplies each ``q.k`` before squaring (typically ``1/d_head``).
+        q2, k2: second query/key pair (same shapes as q/k): bilinear pattern
+            ``((q.k)*scale) * ((q2.k2)*scale)``.
+        key_mask: optional (B, Tk) bool or 0/1; False/0 marks a padding key that contributes nothing.
+        impl: ``"plain"`` (materialise the pattern), ``"chunked"`` (linear time), or ``"auto"``
+            (chunked from :data:`CHUNKED_FROM_T` on, unless the feature dimension is too large).
+        chunk_size: chunk length of the chunked form (default :data:`DEFAULT_CHUNK_SIZE`).
+
+    Returns:
+        z: (B, H, Tq, D).
+    """
+    _check_inputs(q, k, v, q2, k2)
+    v = _apply_key_mask(v, key_mask)
+    tq, tk, d = q.shape[-2], k.shape[-2], q.shape[-1]
+    if impl == "auto":
+        impl = "chunked" if _use_chunked(tq, tk, d, q2 is not None) else "plain"
+    if impl == "plain":
+        return _plain(q, k, v, scale, q2, k2)
+    if impl == "chunked":
+        c = DEFAULT_CHUNK_SIZE if chunk_size is None else int(chunk_size)
+        if c < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        z, _ = _chunked(q, k, v, scale, q2, k2, c)
+        return z
+    raise ValueError(f"impl must be 'auto', 'plain' or 'chunked', got {impl!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Recurrent state for generation
+# ---------------------------------------------------------------------------------------------
+
+
+class QuadraticAttentionState:
+    """Running state of causal quadratic (or bilinear) attention for token-by-token generation.
+
+    Holds ``S = sum_j phi(k_j) v_j^T`` (B, H, F, D) over every key seen so far; a new query reads
+    ``z = phi(q)^T S * scale^2``. Time and memory per token are constant (F*D per head) whatever the
+    prefix length. ``S`` is kept in ``dtype`` (float32 by default, also for bf16 models); outputs
+    come back in the dtype of ``v``.
+    """
+
+    def __init__(
+        self,
+        batch: int,
+        heads: int,
+        d_head: int,
+        *,
+        bilinear: bool = False,
+        dtype=torch.float32,
+        device=None,
+    ):
+        self.batch, self.heads, self.d_head = batch, heads, d_head
+        self.bilinear = bilinear
+        self.dtype = dtype
+        self.features = feature_dim(d_head, bilinear=bilinear)
+        self.state_size: int = self.features * d_head
+        # kept transposed, (B, H, D, F), like the chunked kernel; ``S`` is the (B, H, F, D) view
+        self._st = torch.zeros(batch, heads, d_head, self.features, dtype=dtype, device=device)
+        self.length = 0  # number of keys absorbed
+
+    @property
+    def S(self) -> Tensor:
+        """The state ``sum_j phi(k_j) v_j^T``, (B, H, F, D) (a view)."""
+        return self._st.transpose(-1, -2)
+
+    @S.setter
+    def S(self, value: Tensor) -> None:
+        self._st = value.transpose(-1, -2).to(self.dtype).contiguous()
+
+    def reset(self) -> None:
+        self._st = torch.zeros_like(self._st)
+        self.length = 0
+
+    def _check(self, q, k, v, q2, k2):
+        _check_inputs(q, k, v, q2, k2)
+        if (q2 is not None) != self.bilinear:
+            raise ValueError("q2/k2 must be given exactly when the state is bilinear")
+        want = (self.batch, self.heads, self.d_head)
+        got = (k.shape[0], k.shape[1], k.shape[-1])
+        if got != want or v.shape[-1] != self.d_head:
+            raise ValueError(f"expected (batch, heads, d_head) = {want}, got {got}")
+
+    def prefill(self, q, k, v, *, scale, q2=None, k2=None, key_mask=None) -> Tensor:
+        """Process a whole prompt (B, H, T, D) on top of the current state; returns z for every
+        position (as :func:`quadratic_attention`) and leaves the state after the last position."""
+        self._check(q, k, v, q2, k2)
+        v = _apply_key_mask(v, key_mask)
+        z, state = _chunked(q, k, v, scale, q2, k2, DEFAULT_CHUNK_SIZE, state=self.S, need_state=True)
+        self.S = state
+        self.length += k.shape[-2]
+        return z.to(v.dtype)
+
+    def step(self, q, k, v, *, scale, q2=None, k2=None) -> Tensor:
+        """One token: q, k, v (B, H, 1, D). Adds ``phi(k) v^T`` to the state and returns
+        ``z = phi(q)^T S * scale^2`` for this position (the token sees itself)."""
+        self._check(q, k, v, q2, k2)
+        if q.shape[-2] != 1 or k.shape[-2] != 1:
+            return self.prefill(q, k, v, scale=scale, q2=q2, k2=k2)
+        sd = self._st.dtype
+        phik = _features(k.to(sd), None if k2 is None else k2.to(sd))
+        self._st = self._st + v.to(sd).transpose(-1, -2) @ phik
+        phiq = _features(q.to(sd) * scale, None if q2 is None else q2.to(sd) * scale)
+        self.length += 1
+        return (phiq @ self._st.transpose(-1, -2)).to(v.dtype)
