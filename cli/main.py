@@ -22,6 +22,8 @@ SUBCOMMANDS = {
     "eval": ("qtoy_cli.use", "eval_command"),
     "generate": ("qtoy_cli.use", "generate_command"),
     "plot": ("qtoy_cli.plot", "plot_command"),
+    "visualize": ("qtoy_cli.analysis", "visualize_command"),
+    "analyze": ("qtoy_cli.analysis", "analyze_command"),
     "new-plugin": ("qtoy_cli.new_plugin", "new_plugin_command"),
 }
 

@@ -1,0 +1,109 @@
+"""`qtoy visualize` (per-token loss view) and `qtoy analyze` (circuit report): HTML a person reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+def _load(run: str, tokenizer: str | None, *, need_tokenizer: bool):
+    """(model, tokenizer or None) from RUN; errors are one clear paragraph."""
+    from qtoy_core.checkpoint import read_document
+
+    from .use import load_run
+
+    read_document(run)  # a folder that is not a run: one clear error before any loading noise
+    model, run_tokenizer, _ = load_run(run)
+    tok = run_tokenizer
+    if tokenizer:
+        from qtoy_core.data import Tokenizer
+
+        tok = Tokenizer.from_file(tokenizer)
+    if tok is None and need_tokenizer:
+        raise click.ClickException(
+            f"{run} has no tokenizer.json, so the text cannot be encoded. Pass --tokenizer PATH (the "
+            f"tokenizer.json used for training), or copy it into {run}/tokenizer.json.")
+    if tok is not None and tok.vocab_size > model.config.vocab_size:
+        raise click.ClickException(
+            f"the tokenizer has {tok.vocab_size} tokens but the model only {model.config.vocab_size}: they do not "
+            f"belong together. Pass the tokenizer used for training with --tokenizer.")
+    return model, tok
+
+
+def _write(path: str, text: str) -> Path:
+    p = Path(path)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {p}: {exc.strerror or exc}.") from None
+    return p
+
+
+@click.command("visualize")
+@click.argument("run", type=click.Path(exists=True, file_okay=False))
+@click.option("--text", help="the text to score")
+@click.option("--file", "file_", type=click.Path(exists=True, dir_okay=False), help="read the text from a file")
+@click.option("--out", default="loss.html", show_default=True, type=click.Path(dir_okay=False),
+              help="HTML file to write")
+@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="a tokenizer.json (default: the run's)")
+@click.option("--top", type=click.IntRange(1, 50), default=5, show_default=True,
+              help="top predictions shown per token")
+@click.option("--no-separator", is_flag=True,
+              help="do not put the end-of-text separator before the text (the first token then has no loss)")
+def visualize_command(run, text, file_, out, tokenizer, top, no_separator) -> None:
+    """Per-token loss of a text under RUN as an HTML page: each token on a white-to-red background
+    (saturating at 7 nats); hover a token for its loss and the model's top predictions.
+
+      qtoy visualize runs/x --text "Once upon a time" --out loss.html
+
+      qtoy visualize runs/x --file story.txt --out loss.html
+    """
+    if (text is None) == (file_ is None):
+        raise click.UsageError("give the text with exactly one of --text TEXT or --file PATH.")
+    if file_ is not None:
+        try:
+            text = Path(file_).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise click.ClickException(f"{file_} is not UTF-8 text.") from None
+    if not text:
+        raise click.UsageError("the text is empty.")
+    from qtoy_core.analysis.loss_view import loss_view
+
+    model, tok = _load(run, tokenizer, need_tokenizer=True)
+    try:
+        view = loss_view(model, tok, text, top=top, prepend_separator=not no_separator,
+                         title="Per-token loss", subtitle=f"run {run}")
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    path = _write(out, view.html)
+    mean = view.mean_loss
+    click.echo(f"{path}  ({len(view.tokens)} tokens, mean loss {'n/a' if mean is None else f'{mean:.3f}'} nats)")
+
+
+@click.command("analyze")
+@click.argument("run", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", default="report.html", show_default=True, type=click.Path(dir_okay=False),
+              help="HTML report to write")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="also write every number as JSON")
+@click.option("--top-k", "--top_k", "top_k", type=click.IntRange(1, 1000), default=10, show_default=True,
+              help="token pairs / tokens per table")
+@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="a tokenizer.json (default: the run's)")
+@click.option("--no-plots", is_flag=True, help="tables only (faster)")
+def analyze_command(run, out, json_out, top_k, tokenizer, no_plots) -> None:
+    """Circuit report of RUN, read from its weights: the direct path's top bigrams, each head's top
+    QK and OV token pairs, eigenvalue spectra and copying scores, the positional kernel, composition
+    scores (2+ layers) and the bilinear MLP's top eigenvectors. One self-contained HTML file; --json
+    writes every number for scripting.
+
+      qtoy analyze runs/x --out report.html --json report.json
+    """
+    from qtoy_core.analysis.report import Report
+
+    model, tok = _load(run, tokenizer, need_tokenizer=False)
+    report = Report.from_model(model, tok, top_k=top_k, run=run, plots=not no_plots)
+    path = _write(out, report.html)
+    click.echo(str(path))
+    if json_out:
+        click.echo(str(_write(json_out, report.to_json() + "\n")))
