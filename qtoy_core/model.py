@@ -173,6 +173,26 @@ class ToyTransformer(nn.Module, _model_hub_mixin()):
         save_model_files(self, save_directory)
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs: Any) -> "ToyTransformer":
+        """A model from a run folder, a save_pretrained folder, or a Hugging Face hub repo id."""
+        from .checkpoint import CheckpointError
+
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            from huggingface_hub.errors import HFValidationError, HfHubHTTPError, LocalEntryNotFoundError
+
+            if not isinstance(exc, (HFValidationError, HfHubHTTPError, LocalEntryNotFoundError, OSError)):
+                raise
+            raise CheckpointError(
+                f"{str(pretrained_model_name_or_path)!r} is not a local model or run folder, and the Hugging Face "
+                f"hub could not provide it ({type(exc).__name__}). Check the path; for a hub model, allow network "
+                f"access (HF_HUB_OFFLINE=0) or download the model folder and pass its path."
+            ) from None
+
+    @classmethod
     def _from_pretrained(cls, *, model_id: str, revision=None, cache_dir=None, force_download=False,
                          local_files_only=False, token=None, config: Any = None, map_location: str = "cpu",
                          strict: bool = True, **_: Any) -> "ToyTransformer":
