@@ -85,7 +85,8 @@ def print_summary(summary: dict, console=None) -> None:
     ]
     if summary.get("skipped_steps"):
         rows.append(("skipped steps", str(summary["skipped_steps"])))
-    rows.append(("run folder", summary["run"]))
     for k, v in rows:
         table.add_row(k, v)
     console.print(table)
+    # on its own line, never cut by the table's width, so it can be copied
+    console.print(f"run folder: {summary['run']}", soft_wrap=True, highlight=False)

@@ -171,7 +171,7 @@ def _cli(*args):
 def test_cli_train_on_synthetic_lowers_validation_loss(tmp_path):
     run = tmp_path / "run"
     result = _cli("train", *SMALL_SYNTHETIC, "--max-iters", "120", "--eval-interval", "60", "--eval-iters", "4",
-                  "--learning-rate", "3e-3", "--out", str(run))
+                  "--learning-rate", "1e-2", "--warmup", "10", "--out", str(run))
     assert result.exit_code == 0, result.output
     evals = [m["val_loss"] for m in read_metrics(run) if "val_loss" in m]
     assert len(evals) == 2
