@@ -38,6 +38,17 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PLAIN_TT_TENSORS = 6
 
 
+def mem_available_gb() -> float | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None
+
+
 def log(*args) -> None:
     print(*args, file=sys.stderr, flush=True)
 
@@ -136,14 +147,16 @@ def main(argv=None) -> int:
                    help="also time the other ways of carrying the state across chunks: cumulative sum over "
                         "the chunk states (chunked-cumsum) and a python loop over chunks (chunked-loop); "
                         "the default (chunked) is an exclusive prefix sum by a triangular matmul")
-    p.add_argument("--max-plain-gb", type=float, default=6.0,
-                   help="skip plain when its (T, T) temporaries would need more memory than this")
+    p.add_argument("--max-plain-gb", type=float, default=8.0,
+                   help="skip plain when its (T, T) temporaries would need more memory than this "
+                        "(or than 60%% of the memory available at the time)")
     p.add_argument("--max-plain-s", type=float, default=20.0,
                    help="skip plain at larger T once one run took longer than this")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    p.add_argument("--timer", choices=sorted(TIMERS), default="wall",
+    p.add_argument("--timer", choices=sorted(TIMERS), default=None,
                    help="wall: wall-clock (default); cpu: process CPU time, which ignores time spent "
-                        "descheduled: use it with --threads 1 when other jobs share the cores")
+                        "descheduled: use it with --threads 1 when other jobs share the cores (--quick "
+                        "switches to both by itself when the load average exceeds the cpu count)")
     p.add_argument("--no-accuracy", action="store_true", help="skip the float64 accuracy check")
     p.add_argument("--quick", action="store_true", help="small sweep that finishes in under a minute")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout (nothing else)")
@@ -153,6 +166,13 @@ def main(argv=None) -> int:
         args.T = [t for t in args.T if t <= 2048] or [256, 512, 1024, 2048]
         args.repeats = min(args.repeats, 3)
         args.no_accuracy = True
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        if load > (os.cpu_count() or 1) and args.threads is None and args.timer is None:
+            # many small kernels + OpenMP barriers + cores taken by other jobs = minutes of stalls;
+            # one thread and CPU time keep the quick run short and its ratios meaningful
+            log(f"load average {load:.1f} > {os.cpu_count()} cpus: --quick runs with --threads 1 --timer cpu")
+            args.threads, args.timer = 1, "cpu"
+    args.timer = args.timer or "wall"
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -173,8 +193,10 @@ def main(argv=None) -> int:
                 plain_gb = PLAIN_TT_TENSORS * args.batch * args.heads * t * t * elem * (2 if args.bilinear else 1) / 1e9
                 run_impls = list(impls)
                 skipped = None
-                if plain_gb > args.max_plain_gb:
-                    skipped = f"memory ~{plain_gb:.1f} GB > {args.max_plain_gb} GB"
+                avail = mem_available_gb()
+                budget = args.max_plain_gb if avail is None else min(args.max_plain_gb, 0.6 * avail)
+                if plain_gb > budget:
+                    skipped = f"memory ~{plain_gb:.1f} GB > {budget:.1f} GB"
                 elif plain_too_slow:
                     skipped = f"time: a run at smaller T took > {args.max_plain_s} s"
                 if skipped:

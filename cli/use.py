@@ -13,6 +13,7 @@ def load_run(run: str):
     from qtoy_core.checkpoint import read_document
     from qtoy_core.model import ToyTransformer
 
+    document = read_document(run)  # a clear message for a missing or corrupt config.json
     model = ToyTransformer.from_pretrained(run)
     tokenizer = None
     tok_path = Path(run) / "tokenizer.json"
@@ -20,7 +21,7 @@ def load_run(run: str):
         from qtoy_core.data import Tokenizer
 
         tokenizer = Tokenizer.from_file(tok_path)
-    return model, tokenizer, read_document(run)
+    return model, tokenizer, document
 
 
 @click.command("eval")

@@ -52,12 +52,27 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~current_umask())  # mkstemp (and safetensors) make 0600: use the umask
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, target)
         _fsync_dir(target.parent)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def current_umask() -> int:
+    """The process umask (read from /proc where possible: setting it to find it out is not thread-safe)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(path: Path) -> None:
@@ -129,36 +144,59 @@ def read_document(path: str | os.PathLike) -> dict[str, Any]:
     return doc
 
 
-def model_config_from_document(doc: dict[str, Any], source: str) -> ModelConfig:
-    """Validate the model section, first turning a missing plugin into a message naming its package."""
+def check_document(doc: dict[str, Any], source: str) -> None:
+    """Refuse a document of another format version, or one needing a component no installed plugin
+    provides (naming the package recorded for it)."""
     fmt = doc.get("format")
     if fmt is not None and fmt != MODEL_FORMAT:
         raise CheckpointError(f"{source} has format {fmt!r}; this qtoy ({qtoy_version()}) reads {MODEL_FORMAT!r}. "
                               f"Upgrade qtoy (`pip install -U qtoy`) to load it.")
     model = doc.get("model", doc)
     providers = doc.get("plugins", {}) or {}
-    registry = get_registry()
+    providers = providers if isinstance(providers, dict) else {}
+    needed: list[tuple[str, str, Any]] = []  # (kind, key in "plugins", component spec)
     if isinstance(model, dict):
-        for kind in ("attention", "mlp", "positional", "norm"):
-            spec = model.get(kind)
-            name = spec if isinstance(spec, str) else spec.get("name") if isinstance(spec, dict) else None
-            if name is None:
-                continue
-            try:
-                registry.get(kind, name)
-            except UnknownComponentError:
-                who = providers.get(kind, {})
-                package = who.get("distribution")
-                hint = (f"It is provided by the package {package!r} (version {who.get('version', '?')}): "
-                        f"install it with `pip install {package}`." if package else
-                        "Install the plugin package that provides it (see `qtoy plugins`).")
-                raise MissingPluginError(f"{source} needs the {kind} {name!r}, which no installed plugin provides. {hint}") from None
+        needed += [(kind, kind, model.get(kind)) for kind in ("attention", "mlp", "positional", "norm")]
+    data = doc.get("data")
+    if isinstance(data, dict):
+        needed.append(("dataset", "dataset", data.get("dataset")))
+    if "optimizer" in doc:
+        needed.append(("optimizer", "optimizer", doc.get("optimizer")))
+    callbacks = doc.get("callbacks")
+    for spec in callbacks if isinstance(callbacks, list) else []:
+        name = spec if isinstance(spec, str) else spec.get("name") if isinstance(spec, dict) else None
+        needed.append(("callback", f"callback:{name}", spec))
+    registry = get_registry()
+    for kind, key, spec in needed:
+        name = spec if isinstance(spec, str) else spec.get("name") if isinstance(spec, dict) else None
+        if not isinstance(name, str):
+            continue  # validation reports it
+        try:
+            registry.get(kind, name)
+        except UnknownComponentError:
+            who = providers.get(key, {})
+            package = who.get("distribution") if isinstance(who, dict) else None
+            hint = (f"It is provided by the package {package!r} (version {who.get('version', '?')}): "
+                    f"install it with `pip install {package}`." if package else
+                    "Install the plugin package that provides it (see `qtoy plugins`).")
+            raise MissingPluginError(f"{source} needs the {kind} {name!r}, which no installed plugin provides. {hint}") from None
+
+
+def model_config_from_document(doc: dict[str, Any], source: str) -> ModelConfig:
+    """Validate the model section, first turning a missing plugin into a message naming its package."""
+    check_document({k: v for k, v in doc.items() if k in ("format", "model", "plugins")}
+                   if isinstance(doc.get("model"), dict) else doc, source)
     from pydantic import ValidationError
+
+    from .errors import format_validation_error
 
     try:
         return ModelConfig.model_validate(doc)
     except ValidationError as exc:
-        raise CheckpointError(f"The model config in {source} is not valid for this qtoy ({qtoy_version()}):\n{exc}") from None
+        hint = "" if "format" in doc else (f"\n{source} has no 'format' marker: qtoy reads folders written by "
+                                           f"`qtoy train` or `save_pretrained`.")
+        raise CheckpointError(f"The model config in {source} is not valid for this qtoy ({qtoy_version()}). "
+                              f"{format_validation_error(exc, 'model config')}{hint}") from None
 
 
 def resolve_weights_file(model_id: str, **hub_kwargs: Any) -> Path:

@@ -88,6 +88,8 @@ def parse_component(kind: str, value: Any) -> ComponentConfig:
                          f"\"name\" key and options, not {type(value).__name__}")
     if "name" not in value:
         raise ValueError(f"the {kind} dict needs a \"name\" key (e.g. {{\"name\": \"{_example(kind)}\"}})")
+    if not isinstance(value["name"], str):
+        raise ValueError(f"the {kind} name must be a string (e.g. \"{_example(kind)}\"), not {value['name']!r}")
     try:
         component = get_registry().get(kind, value["name"])
     except QtoyError as exc:  # re-raised as ValueError so pydantic reports it with its location

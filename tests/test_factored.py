@@ -1,4 +1,4 @@
-"""FactoredMatrix against the dense computation, plus one vocab-sized run that must stay factored."""
+"""FactoredMatrix against dense computation, plus one vocab-sized run that must stay factored."""
 
 from __future__ import annotations
 
@@ -114,7 +114,7 @@ def test_matmul_broadcasts_shared_factor():
 
 # ------------------------------------------------------------------------------- spectra
 def assert_same_spectrum(x, y, tol=1e-9):
-    """Same multiset of nonzero eigenvalues, matched by nearest neighbour (conjugate pairs tie on modulus)."""
+    """Same nonzero eigenvalues, matched by nearest neighbour (conjugate pairs tie on modulus)."""
     x, y = x[x.abs() > tol], y[y.abs() > tol]
     assert len(x) == len(y)
     dist = (x[:, None] - y[None, :]).abs()
@@ -324,7 +324,8 @@ def test_composition_score_matches_dense():
             close(composition_score(left, right), expected)
     aligned = rand(5, 5, seed="al")
     q, _ = torch.linalg.qr(aligned)
-    close(composition_score(q[:, :1] @ q[:, :1].T, q[:, :1] @ q[:, :1].T), torch.tensor(1.0, dtype=F64))
+    proj = q[:, :1] @ q[:, :1].T  # a projector composes perfectly with itself
+    close(composition_score(proj, proj), torch.tensor(1.0, dtype=F64))
 
 
 # --------------------------------------------------------------------------- vocab scale
@@ -375,10 +376,13 @@ VOCAB_SCRIPT = textwrap.dedent(
         "values_err": float((top.values.double().abs() - block.abs().reshape(-1)[ref]).abs().max()),
         "threshold": t,
         "probe_max": probe_max,
-        "eig_err": float((eig.to(torch.complex128)[:, None] - lam[None, :]).abs().min(0).values.max()
-                         / lam.abs().max()),
+        "eig_err": float(
+            (eig.to(torch.complex128)[:, None] - lam[None, :]).abs().min(0).values.max()
+            / lam.abs().max()
+        ),
         "eig_resid": float((resid / (v.norm(dim=0) * lam[:3].abs())).max()),
-        "trace_err": abs(float(eig.sum().real) - float(M.diag().double().sum())) / float(lam.abs().sum()),
+        "trace_err": abs(float(eig.sum().real) - float(M.diag().double().sum()))
+        / float(lam.abs().sum()),
     }))
     """
 )

@@ -64,7 +64,9 @@ class RowTopK(NamedTuple):
     indices: Tensor
 
 
-def rows_per_chunk(n_cols: int, bytes_per_entry: int, budget_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+def rows_per_chunk(
+    n_cols: int, bytes_per_entry: int, budget_bytes: int = DEFAULT_CHUNK_BYTES
+) -> int:
     """How many rows of an ``n_cols``-wide product fit in ``budget_bytes`` (at least one).
 
     ``bytes_per_entry`` counts every scratch buffer a streamed entry needs (e.g. the product and
@@ -84,7 +86,9 @@ class FactoredMatrix:
 
     def __init__(self, A: Tensor, B: Tensor):
         if A.ndim < 2 or B.ndim < 2:
-            raise ValueError(f"factors must be at least 2-D, got A {tuple(A.shape)} and B {tuple(B.shape)}")
+            raise ValueError(
+                f"factors must be at least 2-D, got A {tuple(A.shape)} and B {tuple(B.shape)}"
+            )
         if A.shape[-1] != B.shape[-2]:
             raise ValueError(f"inner dimensions differ: A {tuple(A.shape)} @ B {tuple(B.shape)}")
         if A.dtype != B.dtype:
@@ -398,10 +402,10 @@ class FactoredMatrix:
             yield A[idx], B[idx]
 
     def _per_slice(self, fn: Callable[[Tensor, Tensor], Any]) -> Any:
-        """Apply ``fn(a, b)`` to every 2-D slice; stack the results (tensors or tuples) into the batch shape."""
+        """Apply ``fn(a, b)`` to each 2-D slice; stack the results into the batch shape."""
         outs = [fn(a, b) for a, b in self._slices()]
         if isinstance(outs[0], tuple):
-            return tuple(_stack([o[i] for o in outs], self.batch_shape) for i in range(len(outs[0])))
+            return tuple(_stack(list(parts), self.batch_shape) for parts in zip(*outs))
         return _stack(outs, self.batch_shape)
 
 
@@ -420,7 +424,7 @@ def _index_dim(x: Tensor, d: int, idx: Any, keep_dim: bool) -> Tensor:
     """Index one dimension of ``x`` with an int, slice, index sequence/tensor or boolean mask."""
     if isinstance(idx, slice):
         return x[(slice(None),) * d + (idx,)]
-    if isinstance(idx, int) or (isinstance(idx, Tensor) and idx.ndim == 0 and not idx.is_floating_point()):
+    if isinstance(idx, int) or (isinstance(idx, Tensor) and idx.ndim == 0):
         i = _normalise_int(int(idx), x.shape[d])
         return x.narrow(d, i, 1) if keep_dim else x.select(d, i)
     if idx is None:
@@ -473,7 +477,9 @@ def _scores(c: Tensor, mode: str, out: Tensor | None) -> Tensor:
     return s if mode == "absmax" else s.neg_()
 
 
-def _topk_slice(a: Tensor, b: Tensor, k: int, mode: str, chunk_bytes: int) -> tuple[Tensor, Tensor, Tensor]:
+def _topk_slice(
+    a: Tensor, b: Tensor, k: int, mode: str, chunk_bytes: int
+) -> tuple[Tensor, Tensor, Tensor]:
     """Streaming top-k of ``a @ b`` for one 2-D slice; see `FactoredMatrix.topk`."""
     m, r = a.shape
     n = b.shape[1]

@@ -29,7 +29,7 @@ class TextDatasetConfig(DatasetConfig):
     data_files: list[str] | None = None
     tokenizer: str | None = None
     val_fraction: float = Field(0.01, ge=0.0, lt=1.0)
-    split_seed: int = 0
+    split_seed: int = Field(0, ge=-(2**63), le=2**63 - 1)
 
     @field_validator("data_files", mode="before")
     @classmethod

@@ -407,7 +407,9 @@ def _backend_from_str(text: str, where: str) -> "tokenizers.Tokenizer":
     try:
         return _Tokenizer.from_str(text)
     except Exception as exc:  # the Rust side raises plain Exception subclasses
-        raise TokenizerError(f"Tokenizer {where!r} could not be read by the tokenizers library: {exc}") from None
+        raise TokenizerError(f"Tokenizer {where!r} could not be read by the tokenizers library: {exc}. Pass a "
+                             f"tokenizer.json written by the tokenizers library (e.g. a model's tokenizer.json "
+                             f"from the Hugging Face hub).") from None
 
 
 def _id_list(ids: Any) -> list[int]:

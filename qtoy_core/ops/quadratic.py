@@ -48,19 +48,38 @@ __all__ = [
 ]
 
 # ---------------------------------------------------------------------------------------------
-# Dispatch constants (measured with benchmarks/attention_scaling.py on the 2-core AVX-512/AMX CPU
-# this repository is developed on; see the comment block for the figures).
+# Dispatch constants, measured with benchmarks/attention_scaling.py on the development machine
+# (2-core AMD EPYC, AVX-512 + AMX, torch 2.13 CPU; batch 1, 4 heads, forward + backward, median of 3,
+# --threads 1 --timer cpu: the 2 cores were shared with other jobs (load average 5-10), under which
+# wall-clock times of 2-thread runs were not reproducible).
+#
+# Crossover T (chunked faster from there on; log-interpolated between the measured powers of two,
+# plain/chunked ratio in brackets):
+#
+#   form       d_head   F      fp32                          bf16
+#   quadratic  32       528    ~620  (0.84 @512, 1.71 @1024)  ~930  (0.57 @512, 1.17 @1024)
+#   bilinear   32       1024   ~830  (0.55 @512, 1.29 @1024)  ~1050 (0.98 @1024, 1.77 @2048)
+#   quadratic  64       2080   ~1570 (0.44 @1024, 1.58 @2048) ~2640 (0.70 @2048, 2.80 @4096)
+#   bilinear   64       4096   ~2360 (0.90 @2048, 1.77 @4096) ~3500 (0.58 @2048, 1.23 @4096)
+#
+# At T = 4096 the chunked form is 8-10x (d_head 32) and 2.3-3.0x (d_head 64) faster than the plain
+# one (fp32 and bf16), and at T = 8192 5-28x; the full table is in the benchmark's output.
 # ---------------------------------------------------------------------------------------------
 
-#: ``impl="auto"`` switches to the chunked form once the (harmonic-mean) sequence length
-#: ``2*Tq*Tk/(Tq+Tk)`` (= T for self-attention) reaches this value. Filled in from the benchmark.
-CHUNKED_FROM_T = 1024
+#: ``impl="auto"`` crossover, keyed by the feature dimension F (D(D+1)/2 quadratic, D^2 bilinear):
+#: the chunked form is used once the effective length ``2*Tq*Tk/(Tq+Tk)`` (= T for self-attention;
+#: plain costs ~Tq*Tk, chunked ~(Tq+Tk)*F) reaches the value. The bf16 crossovers above (the larger
+#: ones), rounded up to a multiple of 128; linear interpolation in F between the entries,
+#: proportional below the first.
+CHUNKED_FROM_T: dict[int, int] = {528: 1024, 1024: 1152, 2080: 2688, 4096: 3584}
 
-#: ``impl="auto"`` never uses the chunked form when the feature dimension exceeds this (the chunked
-#: cost grows like F*D per token; for the bilinear form F = D^2).
-MAX_CHUNKED_FEATURES = 2080
+#: ``impl="auto"`` uses the plain form whenever the feature dimension exceeds this (the chunked cost
+#: grows like F*D per token, and larger F, e.g. bilinear d_head 128 with F = 16384, were not measured).
+MAX_CHUNKED_FEATURES = 4096
 
-#: Default chunk length of the chunked form (``chunk_size=None``). Filled in from the benchmark.
+#: Default chunk length of the chunked form (``chunk_size=None``): 256 measured best or within noise
+#: of the best among 64/128/256/512 for d_head 32 and 64 at T = 4096 (d_head 64: 64 is 1.4-1.7x slower,
+#: 128 ~1.05-1.1x, 512 ~1.05x).
 DEFAULT_CHUNK_SIZE = 256
 
 _SQRT2 = math.sqrt(2.0)
@@ -133,6 +152,7 @@ class _SymmetricFeatures(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # (in-place and out= kernels: no double backward)
     def backward(ctx, g: Tensor) -> Tensor:  # type: ignore[override]
         # phi[0, i] = x_i^2, phi[s, i] = sqrt2 x_i x_{(i+s) % d} (s = 1..m), last half row (even d)
         # phi[h, i] = sqrt2 x_i x_{i+h} (i < h). d/dx_i collects g[s, i] x_{i+s} (i is the first
@@ -225,7 +245,8 @@ def _plain(q, k, v, scale, q2, k2) -> Tensor:
         pattern = scores.square()
     else:
         pattern = scores * ((q2 * scale) @ k2.transpose(-1, -2))
-    pattern = pattern.masked_fill(_future_mask(tq, tk, q.device), 0.0)
+    # in place: the square / product is a fresh tensor its backward does not need (one (T, T) less)
+    pattern = pattern.masked_fill_(_future_mask(tq, tk, q.device), 0.0)
     return pattern @ v
 
 
@@ -261,7 +282,7 @@ def _group(qc, q2c, kc, k2c, vc, state, acc, need_state: bool, carry: str):
     # exact masked quadratic form inside each chunk
     scores = qc @ kc.transpose(-1, -2)
     pattern = scores.square() if q2c is None else scores * (q2c @ k2c.transpose(-1, -2))
-    pattern = pattern.masked_fill(_future_mask(c, c, qc.device), 0.0)
+    pattern = pattern.masked_fill_(_future_mask(c, c, qc.device), 0.0)
     z = pattern @ vc
     if n == 1 and state is None and not need_state:
         return z, None
@@ -279,7 +300,8 @@ def _group(qc, q2c, kc, k2c, vc, state, acc, need_state: bool, carry: str):
             prev = torch.nn.functional.pad(st[:, :, : n - 1].cumsum(2), (0, 0, 0, 0, 1, 0))
         else:  # "matmul": one (n, n_st) triangular matmul, a single pass over the states
             lmat = _exclusive_prefix_matrix(n, n_st, acc, st.device)
-            prev = (lmat @ st.flatten(-2)).unflatten(-1, (d_v, f_dim))
+            with torch.autocast(st.device.type, enabled=False):  # keep the sum in ``acc``
+                prev = (lmat @ st.flatten(-2)).unflatten(-1, (d_v, f_dim))
         if state is not None:
             prev = prev + state.unsqueeze(2)
     phiq = _features(qc, q2c)
@@ -401,12 +423,25 @@ def _apply_key_mask(v: Tensor, key_mask) -> Tensor:
     return v.masked_fill(~keep, 0.0)
 
 
+def _crossover_t(f_dim: int) -> float:
+    """Effective length from which ``impl="auto"`` picks the chunked form (see CHUNKED_FROM_T)."""
+    table = sorted(CHUNKED_FROM_T.items())
+    f0, t0 = table[0]
+    if f_dim <= f0:
+        return t0 * f_dim / f0
+    for (fa, ta), (fb, tb) in zip(table, table[1:]):
+        if f_dim <= fb:
+            return ta + (tb - ta) * (f_dim - fa) / (fb - fa)
+    fl, tl = table[-1]
+    return tl * f_dim / fl
+
+
 def _use_chunked(tq: int, tk: int, d: int, bilinear: bool) -> bool:
-    if feature_dim(d, bilinear=bilinear) > MAX_CHUNKED_FEATURES:
+    f_dim = feature_dim(d, bilinear=bilinear)
+    if f_dim > MAX_CHUNKED_FEATURES:
         return False
-    # plain ~ Tq*Tk, chunked ~ (Tq+Tk)*F: compare via the harmonic-mean length (T for Tq = Tk)
     effective = 2 * tq * tk / max(tq + tk, 1)
-    return effective >= CHUNKED_FROM_T
+    return effective >= _crossover_t(f_dim)
 
 
 def quadratic_attention(
@@ -527,7 +562,9 @@ class QuadraticAttentionState:
             return self.prefill(q, k, v, scale=scale, q2=q2, k2=k2)
         sd = self._st.dtype
         phik = _features(k.to(sd), None if k2 is None else k2.to(sd))
-        self._st = self._st + v.to(sd).transpose(-1, -2) @ phik
+        st = self._st  # one fused pass over the state (no (D, F) temporary for the outer product)
+        self._st = torch.baddbmm(st.flatten(0, 1), v.to(sd).transpose(-1, -2).flatten(0, 1),
+                                 phik.flatten(0, 1)).view_as(st)
         phiq = _features(q.to(sd) * scale, None if q2 is None else q2.to(sd) * scale)
         self.length += 1
         return (phiq @ self._st.transpose(-1, -2)).to(v.dtype)

@@ -25,10 +25,13 @@ class ConfigFileError(QtoyError):
     pass
 
 
+SEED_RANGE = dict(ge=-(2**63), le=2**63 - 1)  # what torch.manual_seed and the data stream's hash accept
+
+
 class TrainConfig(BaseModel):
     """How to train: batch, schedule, evaluation, precision, checkpoints."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     batch_size: int = Field(16, gt=0, description="sequences per micro-batch (per process)")
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
@@ -45,7 +48,7 @@ class TrainConfig(BaseModel):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: bool | None = Field(None, description="torch.compile; default: when it pays for the run length")
     device: str = "auto"
-    seed: int = 0
+    seed: int = Field(0, **SEED_RANGE)
     max_bad_steps: int = Field(10, gt=0, description="stop after this many non-finite steps in a row")
 
     @model_validator(mode="after")
@@ -90,6 +93,8 @@ class RunConfig(BaseModel):
             return []
         if isinstance(value, (str, dict)):
             value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"callbacks are a list of names or dicts (e.g. [\"dynamics\"]), not {type(value).__name__}")
         return [parse_component("callback", v) for v in value]
 
 
@@ -137,6 +142,9 @@ FLAT_KEYS = {
 }
 
 
+DATASET_FLAGS = ("data_files", "tokenizer")  # flat flags that are options of the dataset
+
+
 def assemble_run_config(file_data: dict | None = None, flags: dict[str, Any] | None = None,
                         assignments: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Combine config file < flags < --set assignments into a validated RunConfig.
@@ -144,29 +152,46 @@ def assemble_run_config(file_data: dict | None = None, flags: dict[str, Any] | N
     `flags` use flat names (d_model, batch_size, attention, dataset, ...). The model type follows
     the MLP when it is not given: an MLP other than 'none' selects transformer_<N>L.
     """
-    doc: dict[str, Any] = json.loads(json.dumps(file_data or {}))
+    if file_data is not None and not isinstance(file_data, dict):
+        raise ConfigFileError(f"A run config is a mapping with the sections model, data, optimizer, callbacks, "
+                              f"train; got {str(file_data)[:60]!r}.")
+    try:
+        doc: dict[str, Any] = json.loads(json.dumps(file_data or {}, default=str))
+    except (TypeError, ValueError) as exc:
+        raise ConfigFileError(f"The config holds something that is not plain data ({exc}): use strings, numbers, "
+                              f"booleans, lists and mappings with string keys.") from None
     for key, value in (flags or {}).items():
-        if value is None:
+        if value is None or key in DATASET_FLAGS:  # these go into the dataset's options, below
             continue
         place = FLAT_KEYS.get(key)
         if place is None:
             raise ConfigFileError(f"unknown option {key!r}")
         node = doc
         for part in place[:-1]:
-            node = node.setdefault(part, {})
+            node = _section(node, part)
         node[place[-1]] = value
-    dataset_overrides = (flags or {}).get("data_files"), (flags or {}).get("tokenizer")
-    for key, value in zip(("data_files", "tokenizer"), dataset_overrides):
+    for key in DATASET_FLAGS:
+        value = (flags or {}).get(key)
         if value:
-            data = doc.setdefault("data", {})
+            data = _section(doc, "data")
             ds = data.get("dataset", "synthetic")
+            if not isinstance(ds, (str, dict)):
+                raise ConfigFileError(f"data.dataset must be a dataset name or a mapping with a name, not {ds!r}.")
             ds = {"name": ds} if isinstance(ds, str) else dict(ds)
             ds[key] = value
             data["dataset"] = ds
     doc = apply_overrides(doc, [_qualify(a) for a in assignments])
     model = doc.setdefault("model", {})
-    _resolve_model_type(model)
+    if isinstance(model, dict):  # anything else: RunConfig's validation names the problem
+        _resolve_model_type(model)
     return RunConfig.model_validate(doc)
+
+
+def _section(doc: dict[str, Any], name: str) -> dict[str, Any]:
+    node = doc.setdefault(name, {})
+    if not isinstance(node, dict):
+        raise ConfigFileError(f"The config's {name!r} must be a mapping of options, not {node!r}.")
+    return node
 
 
 def _qualify(assignment: str) -> str:
@@ -192,7 +217,7 @@ def _resolve_model_type(model: dict[str, Any]) -> None:
     if mlp_name is not None:
         try:
             n_layers, has_mlp = parse_model_type(model["model_type"])
-        except ValueError:
+        except (ValueError, TypeError):
             return  # ModelConfig reports it
         if has_mlp == (mlp_name == "none"):
             raise ConfigFileError(

@@ -29,13 +29,16 @@ from ..checkpoint import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     atomic_write_text,
+    check_document,
     component_providers,
+    current_umask,
     model_document,
 )
 
 POINTER_NAME = "checkpoint.json"
 STATE_NAME = "trainer_state.pt"
 METRICS_NAME = "metrics.jsonl"
+MIN_FREE_BYTES = 64 * 2**20
 
 
 class RunFolderError(QtoyError):
@@ -81,23 +84,41 @@ class RunFolder:
         except OSError as exc:
             raise RunFolderError(f"Cannot write to the output folder {self.path} ({exc.strerror or exc}). Choose a "
                                  f"writable --out folder, or fix its permissions.") from None
-        free = shutil.disk_usage(self.path).free
-        if free < 64 * 2**20:
-            raise RunFolderError(f"Only {free // 2**20} MiB free on the disk of {self.path}: checkpoints would fail. "
-                                 f"Free some space or choose another --out folder.")
+        self.check_free_space(MIN_FREE_BYTES)
+        # Leftovers of a process killed mid-write: half-written checkpoint folders and temporary files.
         for leftover in (self.path / "checkpoints").glob(".tmp-*"):
             shutil.rmtree(leftover, ignore_errors=True)
+        for leftover in [*self.path.glob(".*.tmp"), *self.path.glob(".write-test-*")]:
+            if leftover.is_file() or leftover.is_symlink():
+                leftover.unlink(missing_ok=True)
+        if fresh:  # a new run's log starts empty (an earlier attempt here died before its first checkpoint)
+            self.metrics_path.unlink(missing_ok=True)
+
+    def check_free_space(self, needed: int) -> None:
+        """Refuse to start when the disk of the run folder has less than `needed` bytes free."""
+        free = shutil.disk_usage(self.path).free
+        if free < needed:
+            raise RunFolderError(f"Only {free / 2**20:.0f} MiB free on the disk of {self.path}, but checkpoints need "
+                                 f"about {needed / 2**20:.0f} MiB: saving would fail. Free some space or choose another "
+                                 f"--out folder.")
 
     def write_config(self, doc: dict[str, Any]) -> None:
         atomic_write_text(self.path / CONFIG_NAME, json.dumps(doc, indent=2) + "\n")
 
     def read_config(self) -> dict[str, Any]:
+        """The run document, checked: a qtoy run of this format whose components are all installed."""
         try:
-            return json.loads((self.path / CONFIG_NAME).read_text(encoding="utf-8"))
+            doc = json.loads((self.path / CONFIG_NAME).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise RunFolderError(f"{self.path} has no {CONFIG_NAME}: it is not a qtoy run folder.") from None
-        except json.JSONDecodeError as exc:
-            raise RunFolderError(f"{self.path / CONFIG_NAME} is corrupt ({exc}).") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise RunFolderError(f"{self.path / CONFIG_NAME} is corrupt ({exc}). Restore it from a checkpoint "
+                                 f"folder: copy {self.path / 'checkpoints'}/step_*/{CONFIG_NAME} over it.") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("model"), dict) or "train" not in doc:
+            raise RunFolderError(f"{self.path / CONFIG_NAME} is not the config of a qtoy training run (it lacks the "
+                                 f"'model' and 'train' sections); --resume needs a folder written by `qtoy train`.")
+        check_document(doc, str(self.path))
+        return doc
 
     # -- checkpoints -----------------------------------------------------------------------------
     def pointer(self) -> dict[str, Any] | None:
@@ -115,7 +136,9 @@ class RunFolder:
             return None
         folder = self.path / pointer["latest"]
         if not (folder / STATE_NAME).exists() or not (folder / WEIGHTS_NAME).exists():
-            raise RunFolderError(f"The latest checkpoint {folder} is incomplete (files were removed by hand?).")
+            raise RunFolderError(f"The latest checkpoint {folder} is incomplete (files were removed by hand?). Point "
+                                 f"'latest' in {self.path / POINTER_NAME} at another complete checkpoint folder, "
+                                 f"or start the run again.")
         return folder, int(pointer["step"])
 
     def save_checkpoint(self, model: torch.nn.Module, model_doc: dict[str, Any], state: dict[str, Any], step: int,
@@ -129,30 +152,53 @@ class RunFolder:
         pointer = self.pointer() or {}
         if pointer.get("latest") == f"checkpoints/{name}":
             return final  # this exact step is already saved and pointed to
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=checkpoints))
+        tmp = None
         try:
+            tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=checkpoints))
+            os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; keep the usual permissions
             save_model(model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "step": str(step)})
             torch.save(state, tmp / STATE_NAME)
             (tmp / CONFIG_NAME).write_text(json.dumps(model_doc, indent=2) + "\n", encoding="utf-8")
             for f in tmp.iterdir():
+                os.chmod(f, 0o666 & ~current_umask())  # safetensors writes 0600: use the umask
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
             if final.exists():  # a stale folder of an abandoned attempt at this step
                 shutil.rmtree(final)
             os.replace(tmp, final)
+            tmp = None
+            best = pointer.get("best")
+            if keep_best and val_loss is not None and (best is None or val_loss < best["val_loss"]):
+                best = {"path": f"checkpoints/{name}", "step": step, "val_loss": val_loss}
+            new_pointer = {"latest": f"checkpoints/{name}", "step": step, "best": best}
+            # The commit point: until this rename, checkpoint.json points at the previous checkpoint.
+            atomic_write_text(self.path / POINTER_NAME, json.dumps(new_pointer, indent=2) + "\n")
         except OSError as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise RunFolderError(f"Saving the checkpoint at step {step} failed ({exc.strerror or exc}); the previous "
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise RunFolderError(f"Saving the checkpoint at step {step} failed ({_why(exc)}); the previous "
                                  f"checkpoint in {self.path} is intact. Free disk space or fix permissions, then "
                                  f"resume with --resume {self.path}.") from None
-        best = pointer.get("best")
-        if keep_best and val_loss is not None and (best is None or val_loss < best["val_loss"]):
-            best = {"path": f"checkpoints/{name}", "step": step, "val_loss": val_loss}
-        new_pointer = {"latest": f"checkpoints/{name}", "step": step, "best": best}
-        atomic_write_text(self.path / POINTER_NAME, json.dumps(new_pointer, indent=2) + "\n")
-        self._publish(final, best)
+        try:
+            self._publish(final, best)
+        except OSError as exc:
+            raise RunFolderError(f"The checkpoint at step {step} is saved in {final}, but {self.path / WEIGHTS_NAME} "
+                                 f"could not be updated ({_why(exc)}). Free disk space or fix permissions, then resume "
+                                 f"with --resume {self.path} (which updates it).") from None
         self._prune(keep={f"checkpoints/{name}", (best or {}).get("path")})
         return final
+
+    def republish(self) -> None:
+        """Make the top-level weights and the latest/best links match checkpoint.json again (a process
+        killed between committing a checkpoint and publishing it leaves them one checkpoint behind)."""
+        pointer = self.pointer()
+        if pointer is None:
+            return
+        try:
+            self._publish(self.path / pointer["latest"], pointer.get("best"))
+        except OSError as exc:
+            raise RunFolderError(f"Cannot update {self.path / WEIGHTS_NAME} from the latest checkpoint ({_why(exc)}). "
+                                 f"Free disk space or fix permissions, then resume again.") from None
 
     def _publish(self, latest: Path, best: dict | None) -> None:
         """Top-level model.safetensors (a hard link, swapped in atomically) and the latest/best links."""
@@ -183,18 +229,33 @@ class RunFolder:
                 shutil.rmtree(folder, ignore_errors=True)
 
     def load_state(self, folder: Path) -> dict[str, Any]:
+        """The trainer state, unpickled with weights_only=True: plain tensors and values only, no code runs."""
+        import pickle
+
+        path = folder / STATE_NAME
         try:
-            return torch.load(folder / STATE_NAME, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RunFolderError(f"Refusing to load {path}: it holds objects other than plain tensors and values "
+                                 f"({first}), and unpickling them could run code. qtoy never writes such a file: "
+                                 f"it was replaced. Restore it, or start the run again.") from None
         except Exception as exc:
-            raise RunFolderError(f"The trainer state in {folder} cannot be loaded safely ({type(exc).__name__}: "
-                                 f"{exc}). Only plain tensors and values are accepted (weights_only=True).") from None
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RunFolderError(f"{path} is truncated or corrupt ({type(exc).__name__}: {first[:200]}). Resume "
+                                 f"from the best checkpoint instead (copy its path into 'latest' in "
+                                 f"{self.path / POINTER_NAME}), or start the run again.") from None
 
     # -- metrics ---------------------------------------------------------------------------------
     def append_metrics(self, records: list[dict[str, Any]]) -> None:
-        with open(self.metrics_path, "a", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
-            f.flush()
+        try:
+            with open(self.metrics_path, "a", encoding="utf-8") as f:
+                f.write("".join(json.dumps(r) + "\n" for r in records))
+                f.flush()
+        except OSError as exc:
+            raise RunFolderError(f"Writing {self.metrics_path} failed ({_why(exc)}); the last checkpoint in "
+                                 f"{self.path} is intact. Free disk space or fix permissions, then resume with "
+                                 f"--resume {self.path}.") from None
 
     def truncate_metrics(self, after_step: int) -> None:
         """Keep the records of steps <= after_step (a resumed run rewrites what came after), dropping a
@@ -210,6 +271,10 @@ class RunFolder:
             if record.get("step", 0) <= after_step:
                 kept.append(line)
         atomic_write_text(self.metrics_path, "".join(k + "\n" for k in kept))
+
+
+def _why(exc: OSError) -> str:
+    return f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else (exc.strerror or str(exc))
 
 
 def read_metrics(run: str | os.PathLike) -> list[dict[str, Any]]:

@@ -22,7 +22,7 @@ from ..optim import build_optimizer
 from ..registry_access import build_component
 from .config import RunConfig
 from .precision import resolve_device, resolve_precision
-from .run_folder import RunFolder, run_document
+from .run_folder import MIN_FREE_BYTES, RunFolder, run_document
 
 # torch.compile costs ~15-20 s on 2 CPU cores and roughly halves the step time; it is switched on
 # by default only when the eager run would take longer than this (see `should_compile`).
@@ -73,8 +73,8 @@ class Distributed:
 class Trainer:
     """Train `config` into the run folder `out`. `resume=True` continues the run saved there.
 
-    `train_batches` / `val_batches` replace the configured dataset with given iterables of
-    (tokens, attention_mask-or-None) pairs (tests, custom data). `callbacks` are extra callback
+    `train_batches` / `val_batches` replace the configured dataset with given iterables of token
+    tensors (batch, n_ctx + 1) or (tokens, attention_mask) pairs (tests, custom data). `callbacks` are extra callback
     objects (e.g. a progress display) besides the configured ones.
     """
 
@@ -102,6 +102,8 @@ class Trainer:
         cfg = self.config
         if self.world.is_main:
             self.run.prepare(fresh=not self.resume)
+        if self.resume:  # before building anything: is there a checkpoint to resume from?
+            self._find_checkpoint()
         torch.manual_seed(cfg.train.seed)
         random.seed(cfg.train.seed)
         self.tokenizer = None
@@ -121,9 +123,13 @@ class Trainer:
                           world_size=self.world.world_size)
             self.train_stream = StreamingTextDataset(self.dataset, split="train", **common)
             self.val_stream = StreamingTextDataset(self.dataset, split="validation", **common)
+            self._check_validation_split()
         else:
             self.train_stream, self.val_stream = self._given_train, self._given_val
-        self.model = ToyTransformer(cfg.model).to(self.device)
+        self.model = build_model_or_explain(cfg.model, self.device)
+        if self.world.is_main:  # weights plus ~2 optimizer moments, for latest, best and the one being written
+            weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+            self.run.check_free_space(max(MIN_FREE_BYTES, 3 * 3 * weight_bytes))
         opt_cfg = cfg.optimizer
         if cfg.train.learning_rate is not None:
             opt_cfg = opt_cfg.model_copy(update={"lr": cfg.train.learning_rate})
@@ -142,7 +148,7 @@ class Trainer:
         self.model_doc = run_document(cfg)
         if self.resume:
             self._load_checkpoint()
-        elif self.world.is_main:
+        if self.world.is_main:  # on resume too: options changed for the rest of the run (max_iters, lr) stick
             self.run.write_config(self.model_doc)
         if self.tokenizer is not None and self.world.is_main:
             from ..checkpoint import atomic_write
@@ -150,18 +156,39 @@ class Trainer:
             atomic_write(self.run.path / TOKENIZER_NAME, lambda tmp: self.tokenizer.save(str(tmp)))
         self._train_iter = self._batches(self.train_stream)
 
-    def _load_checkpoint(self) -> None:
+    def _check_validation_split(self) -> None:
+        """Fail before the first step, not at the first evaluation, when the validation split is empty."""
+        batches = iter(self.val_stream)  # the validation stream restarts at every iter(): this costs one batch
+        try:
+            next(batches)
+        except StopIteration:
+            raise TrainingStopped("The validation split produced no batch: the dataset is too small for its "
+                                  "validation fraction. Add data or raise val_fraction "
+                                  "(--set data.dataset.val_fraction=0.1).") from None
+        finally:
+            batches.close()
+
+    def _find_checkpoint(self) -> tuple[Path, int]:
         found = self.run.latest_checkpoint()
         if found is None:
             raise TrainingStopped(f"{self.run.path} has no complete checkpoint to resume from (the run stopped "
                                   f"before its first save). Start it again without --resume.")
-        folder, step = found
+        return found
+
+    def _load_checkpoint(self) -> None:
+        folder, step = self._find_checkpoint()
         from ..checkpoint import load_weights
 
         load_weights(self.model, folder / "model.safetensors")
         state = self.run.load_state(folder)
+        configured = [g["initial_lr"] for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        # A learning rate given on resume (e.g. lower, after non-finite steps) replaces the saved one.
+        for i, (group, lr) in enumerate(zip(self.optimizer.param_groups, configured)):
+            if group.get("initial_lr") != lr:
+                group["initial_lr"] = self.scheduler.base_lrs[i] = lr
+                group["lr"] = lr * self.scheduler.lr_lambdas[i](self.scheduler.last_epoch)
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.tokens = state["step"], state["tokens"]
@@ -172,6 +199,7 @@ class Trainer:
             self.train_stream.load_state_dict(state["data"])
         if self.world.is_main:
             self.run.truncate_metrics(self.step)
+            self.run.republish()
 
     def _state(self) -> dict[str, Any]:
         return {
@@ -184,7 +212,12 @@ class Trainer:
 
     def _batches(self, stream: Iterable) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         for batch in stream:
-            tokens, mask = (batch.tokens, batch.attention_mask) if hasattr(batch, "tokens") else batch
+            if isinstance(batch, torch.Tensor):
+                tokens, mask = batch, None
+            elif hasattr(batch, "tokens"):
+                tokens, mask = batch.tokens, batch.attention_mask
+            else:
+                tokens, mask = batch
             yield tokens.to(self.device, non_blocking=True), None if mask is None else mask.to(self.device)
 
     # -- the loop --------------------------------------------------------------------------------
@@ -270,27 +303,30 @@ class Trainer:
         self._compile_decided = True
         seconds = getattr(self, "step_seconds", 0.0)
         if should_compile(cfg.compile, seconds_per_step=seconds, steps_left=self.total_steps - self.step):
-            self.forward_model = torch.compile(self.model)
+            # the forward and the loss as one graph: the float32 cross-entropy fuses with the unembedding
+            # instead of round-tripping (batch, time, vocab) logits through memory
+            self._compiled_loss = torch.compile(_forward_loss)
             self.compiled = True
 
     def _train_step(self) -> tuple[float, float, bool]:
         cfg = self.config.train
-        total = 0.0
+        losses = []
+        loss_fn = getattr(self, "_compiled_loss", None) or _forward_loss
         for micro in range(cfg.grad_accum):
             tokens, mask = next(self._train_iter)
             sync = nullcontext()
             if self.world.enabled and micro < cfg.grad_accum - 1:
                 sync = self.forward_model.no_sync()
             with sync:
-                with self.precision.autocast():
-                    logits = self.forward_model(tokens[:, :-1], None if mask is None else mask[:, :-1])
-                loss = cross_entropy(logits, tokens[:, 1:], None if mask is None else mask[:, 1:]) / cfg.grad_accum
+                loss = loss_fn(self.forward_model, tokens, mask, self.precision.dtype, self.device.type) / cfg.grad_accum
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-            total += loss.item()
+            losses.append(loss.detach().double())
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         max_norm = cfg.grad_clip if cfg.grad_clip is not None else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        # one host sync per step (not one per micro-batch plus one for the norm)
+        total, grad_norm = torch.stack([sum(losses), norm.detach().double()]).tolist()
         finite = math.isfinite(total) and math.isfinite(grad_norm)
         for cb in self.callbacks:
             cb.on_before_optimizer_step(self)
@@ -363,6 +399,30 @@ class Trainer:
     def _restore_signal_handlers(previous: dict) -> None:
         for sig, h in previous.items():
             signal.signal(sig, h)
+
+
+def _forward_loss(model: torch.nn.Module, tokens: torch.Tensor, mask: torch.Tensor | None,
+                 autocast_dtype: torch.dtype | None, device_type: str) -> torch.Tensor:
+    """Mean next-token cross-entropy of a (batch, n_ctx + 1) batch: the forward under autocast (when
+    `autocast_dtype` is set), the loss in float32. One function, so torch.compile fuses the two."""
+    with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        logits = model(tokens[:, :-1], None if mask is None else mask[:, :-1])
+    return cross_entropy(logits, tokens[:, 1:], None if mask is None else mask[:, 1:])
+
+
+def build_model_or_explain(config: Any, device: torch.device) -> ToyTransformer:
+    """The model of `config` on `device`; running out of memory becomes a message naming the sizes."""
+    try:
+        return ToyTransformer(config).to(device)
+    except (RuntimeError, MemoryError) as exc:
+        text = str(exc)
+        if not isinstance(exc, MemoryError) and "alloc" not in text and "out of memory" not in text:
+            raise
+        sizes = ", ".join(f"{k}={getattr(config, k)}" for k in ("vocab_size", "d_model", "n_ctx", "d_mlp")
+                          if getattr(config, k, None) is not None)
+        raise QtoyError(f"The model does not fit in memory on {device} ({config.model_type}, {sizes}): "
+                        f"{text.strip().splitlines()[0] if text.strip() else 'out of memory'}. Choose smaller "
+                        f"sizes (--d-model, --n-ctx, --set d_mlp=..., vocab_size) or fewer layers.") from None
 
 
 def _to_tuple(x: Any) -> Any:
