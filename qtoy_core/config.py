@@ -153,8 +153,11 @@ def make_model_config(model_type: str | ModelConfig | dict | None = None, **opti
         data["model_type"] = model_type
     data.update(_canonical(options))
     if "model_type" not in data and data.get("mlp") not in (None, "none"):
-        mlp_name = data["mlp"] if isinstance(data["mlp"], str) else getattr(data["mlp"], "name", None) or data["mlp"].get("name")
-        data["model_type"] = model_type_for(1, mlp_name != "none")
+        mlp = data["mlp"]
+        mlp_name = mlp if isinstance(mlp, str) else getattr(mlp, "name", None) or (
+            mlp.get("name") if isinstance(mlp, dict) else None)
+        if mlp_name is not None:  # (an MLP of the wrong type: validation names it)
+            data["model_type"] = model_type_for(1, mlp_name != "none")
     return ModelConfig.model_validate(data)
 
 
@@ -163,6 +166,8 @@ def _canonical(options: dict[str, Any]) -> dict[str, Any]:
     for key, value in options.items():
         key = COMPONENT_ALIASES.get(key, key)
         if key in out:
-            raise ValueError(f"option {key!r} given twice (through an alias)")
+            from .overrides import OverrideError  # a QtoyError (the CLI prints it) and a ValueError
+
+            raise OverrideError(f"option {key!r} given twice (through an alias): give it once")
         out[key] = value
     return out

@@ -6,6 +6,8 @@ Submodule names are stable (see `qtoy_core.interfaces`); checkpoints and hooks r
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -175,8 +177,10 @@ class ToyTransformer(nn.Module, _model_hub_mixin()):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs: Any) -> "ToyTransformer":
         """A model from a run folder, a save_pretrained folder, or a Hugging Face hub repo id."""
-        from .checkpoint import CheckpointError
+        from .checkpoint import CheckpointError, read_document
 
+        if os.path.isdir(pretrained_model_name_or_path):
+            read_document(pretrained_model_name_or_path)  # a broken config.json is a clear CheckpointError
         try:
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         except CheckpointError:
