@@ -188,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "part": args.part, "steps": steps, "every": every, "seconds": round(seconds, 1), "tokens": summary["tokens"],
         "final_loss": summary["train_loss"], "samples": samples,
-        "rss_start_mib": samples[0]["rss_mib"], "rss_half_mib": half[0]["rss_mib"], "rss_end_mib": samples[-1]["rss_mib"],
+        "rss_start_mib": samples[0]["rss_mib"], "rss_half_mib": half[0]["rss_mib"],
+        "rss_end_mib": samples[-1]["rss_mib"],
         "peak_rss_mib": max(s["peak_mib"] for s in samples),
         "rss_slope_mib_per_1000_steps_second_half": round(rss_slope, 3),
         "rss_growth_second_half_mib": round(samples[-1]["rss_mib"] - half[0]["rss_mib"], 2),
@@ -209,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'step':>7} {'RSS MiB':>8} {'raw RSS':>8} {'peak MiB':>8} {'gc objs':>8} {'stream tok':>10} "
               f"{'shuffle':>7} {'recent':>6} {'episodes':>8} {'caches MiB':>10} {'s':>6}")
         for s in samples:
-            print(f"{s['step']:>7} {s['rss_mib']:>8.1f} {s['rss_raw_mib']:>8.1f} {s['peak_mib']:>8.1f} {s['gc_objects']:>8} "
+            print(f"{s['step']:>7} {s['rss_mib']:>8.1f} {s['rss_raw_mib']:>8.1f} {s['peak_mib']:>8.1f} "
+                  f"{s['gc_objects']:>8} "
                   f"{s['stream_tokens']:>10} {s['shuffle_buffer']:>7} {s['recent_texts']:>6} {s['episode_cache']:>8} "
                   f"{s['caches_mib']:>10.2f} {s['seconds']:>6}")
         print(f"{steps} steps in {seconds:.0f} s; RSS {result['rss_start_mib']:.1f} -> {result['rss_half_mib']:.1f} "

@@ -289,7 +289,8 @@ def _check(run: Path, *, final: bool, problems: list[str], reference: Path | Non
         if final and reference is not None:
             ref = load_file(reference / "model.safetensors")
             mine = load_file(run / "model.safetensors")
-            out["weights_match_reference"] = ref.keys() == mine.keys() and all(torch.equal(ref[k], mine[k]) for k in ref)
+            out["weights_match_reference"] = ref.keys() == mine.keys() and all(
+                torch.equal(ref[k], mine[k]) for k in ref)
         if final:
             top = load_file(run / "model.safetensors")
             mine = load_file(latest / "model.safetensors")

@@ -369,32 +369,20 @@ def test_autocast_bf16():
         assert all(x.grad is not None and x.grad.dtype == torch.float32 for x in xs)
 
 
-def test_torch_compile_plain_fullgraph():
-    q, k, v, q2, k2 = qkv(b=1, h=2, tq=8, d=4, bilinear=True, seed=120, dtype=torch.float32)
+def test_torch_compile_fullgraph():
+    """Plain (quadratic and bilinear) and chunked paths compile without graph breaks (fullgraph=True
+    raises on any), forward and backward; one compile for all three to keep the test short."""
+    q, k, v, q2, k2 = qkv(b=1, h=2, tq=10, d=4, bilinear=True, seed=120, dtype=torch.float32)
 
     def f(q, k, v, q2, k2):
         return (quadratic_attention(q, k, v, scale=0.5, impl="plain")
-                + quadratic_attention(q, k, v, scale=0.5, q2=q2, k2=k2, impl="plain"))
-
-    torch._dynamo.reset()
-    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)  # fullgraph: any graph break raises
-    xs = [x.clone().requires_grad_() for x in (q, k, v, q2, k2)]
-    out = compiled(*xs)
-    torch.testing.assert_close(out, f(q, k, v, q2, k2))
-    out.sum().backward()
-    assert all(x.grad is not None for x in xs)
-
-
-def test_torch_compile_chunked():
-    q, k, v, _, _ = qkv(b=1, h=1, tq=10, d=4, seed=130, dtype=torch.float32)
-
-    def f(q, k, v):
-        return quadratic_attention(q, k, v, scale=0.5, impl="chunked", chunk_size=4)
+                + quadratic_attention(q, k, v, scale=0.5, q2=q2, k2=k2, impl="plain")
+                + quadratic_attention(q, k, v, scale=0.5, impl="chunked", chunk_size=4))
 
     torch._dynamo.reset()
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
-    xs = [x.clone().requires_grad_() for x in (q, k, v)]
+    xs = [x.clone().requires_grad_() for x in (q, k, v, q2, k2)]
     out = compiled(*xs)
-    torch.testing.assert_close(out, f(q, k, v))
+    torch.testing.assert_close(out, f(q, k, v, q2, k2))
     out.sum().backward()
     assert all(x.grad is not None for x in xs)

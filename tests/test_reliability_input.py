@@ -9,7 +9,6 @@ import io
 import json
 import os
 from contextlib import redirect_stderr, redirect_stdout
-from pathlib import Path
 
 import pytest
 import torch
@@ -57,12 +56,14 @@ def assert_one_clear_message(output: str) -> None:
 
 # -- random config documents ---------------------------------------------------------------------
 JUNK = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(), st.text(max_size=12),
-                 st.lists(st.integers(-3, 3), max_size=3), st.dictionaries(st.text(max_size=4), st.integers(), max_size=2))
+                 st.lists(st.integers(-3, 3), max_size=3),
+                 st.dictionaries(st.text(max_size=4), st.integers(), max_size=2))
 # Mostly plausible values (so that many documents are accepted and built), some edge cases, some junk.
 PLAUSIBLE_SIZE = st.sampled_from([1, 2, 4, 8, 16, 32, 64])
 SIZE = st.one_of(PLAUSIBLE_SIZE, PLAUSIBLE_SIZE, PLAUSIBLE_SIZE, st.integers(-2, 70), st.integers(2**31, 2**70), JUNK)
 PLAUSIBLE_FLOAT = st.sampled_from([1e-3, 0.01, 0.1, 0.5])
-FLOAT = st.one_of(PLAUSIBLE_FLOAT, PLAUSIBLE_FLOAT, PLAUSIBLE_FLOAT, st.floats(), st.sampled_from([1e30, -1.0, 1.0]), JUNK)
+FLOAT = st.one_of(PLAUSIBLE_FLOAT, PLAUSIBLE_FLOAT, PLAUSIBLE_FLOAT, st.floats(), st.sampled_from([1e30, -1.0, 1.0]),
+                  JUNK)
 MODEL_TYPE = st.one_of(st.sampled_from(["attention_only_1L", "attention_only_2L", "transformer_1L", "transformer_2L",
                                         "transformer_0L", "attention_only_L", "transformer_01L", "gpt2", ""]),
                        st.text(max_size=20), JUNK)
@@ -106,7 +107,8 @@ TRAIN = with_typo(typo="typo_key", options={
                          "eval_iters", "log_interval", "checkpoint_interval", "seed", "max_bad_steps")},
     **{k: FLOAT for k in ("learning_rate", "min_lr_frac", "grad_clip")},
     "precision": st.one_of(st.sampled_from(["auto", "fp32", "bf16", "fp16", "fp8"]), JUNK),
-    "compile": st.one_of(st.booleans(), JUNK), "device": st.one_of(st.sampled_from(["auto", "cpu", "cuda:7", "tpu"]), JUNK),
+    "compile": st.one_of(st.booleans(), JUNK),
+    "device": st.one_of(st.sampled_from(["auto", "cpu", "cuda:7", "tpu"]), JUNK),
 })
 OPTIMIZER = component("optimizer", ["adam", "muon"], {"lr": FLOAT, "betas": JUNK, "ns_steps": SIZE, "momentum": FLOAT})
 CALLBACKS = st.one_of(st.lists(component("callback", ["dynamics"], {"every": SIZE, "top_k": SIZE}), max_size=2), JUNK)
@@ -335,7 +337,8 @@ def data(tmp_path_factory):
     ("good.txt", ["--tokenizer", "{d}/nope.json"], "Tokenizer file '{d}/nope.json' does not exist"),
     ("good.txt", ["--tokenizer", "{d}"], "it is a folder"),
     ("good.txt", ["--tokenizer", "{d}/tok300.json", "--set", "vocab_size=4096"],
-     "The model's vocab_size is 4096 but the tokenizer ({d}/tok300.json) has 300 tokens. Set the model's vocab_size to 300"),
+     "The model's vocab_size is 4096 but the tokenizer ({d}/tok300.json) has 300 tokens. "
+     "Set the model's vocab_size to 300"),
 ])
 def test_bad_data_is_one_clear_message_before_training(tmp_path, data, files, extra, needle):
     run = tmp_path / "run"

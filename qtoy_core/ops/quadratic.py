@@ -26,6 +26,12 @@ dtype otherwise), so long prefixes do not lose the small late contributions to b
 
 :class:`QuadraticAttentionState` carries the same state token by token for generation: constant time
 and memory per token, whatever the prefix length.
+
+Performance note (CPU): the chunked form runs many more, smaller kernels than the plain one. When the
+cores are shared with other busy processes, OpenMP's default spin-waiting makes every parallel region
+stall while one of its threads is descheduled, which hits the chunked form far harder (measured 4-6x
+slower at load average ~4-7 on 2 cores); ``OMP_WAIT_POLICY=PASSIVE`` in the environment, or fewer
+torch threads, avoids it.
 """
 
 from __future__ import annotations
@@ -62,8 +68,10 @@ __all__ = [
 #   quadratic  64       2080   ~1570 (0.44 @1024, 1.58 @2048) ~2640 (0.70 @2048, 2.80 @4096)
 #   bilinear   64       4096   ~2360 (0.90 @2048, 1.77 @4096) ~3500 (0.58 @2048, 1.23 @4096)
 #
-# At T = 4096 the chunked form is 8-10x (d_head 32) and 2.3-3.0x (d_head 64) faster than the plain
-# one (fp32 and bf16), and at T = 8192 5-28x; the full table is in the benchmark's output.
+# At T = 4096 the chunked form is 8-9x (d_head 32) and 2.5-2.7x (d_head 64) faster than the plain
+# one, fp32 and bf16, and at T = 8192 5-18x. A 2-thread wall-clock sweep with OMP_WAIT_POLICY=PASSIVE
+# (same load) agreed: crossovers ~740 / ~1740 (fp32 d_head 32 / 64), ~1030 / ~2580 (bf16), ratios at
+# T = 4096 8.0 / 2.5 (both dtypes).
 # ---------------------------------------------------------------------------------------------
 
 #: ``impl="auto"`` crossover, keyed by the feature dimension F (D(D+1)/2 quadratic, D^2 bilinear):
@@ -466,8 +474,10 @@ def quadratic_attention(
         q2, k2: second query/key pair (same shapes as q/k): bilinear pattern
             ``((q.k)*scale) * ((q2.k2)*scale)``.
         key_mask: optional (B, Tk) bool or 0/1; False/0 marks a padding key that contributes nothing.
-        impl: ``"plain"`` (materialise the pattern), ``"chunked"`` (linear time), or ``"auto"``
-            (chunked from :data:`CHUNKED_FROM_T` on, unless the feature dimension is too large).
+        impl: ``"plain"`` (materialise the pattern), ``"chunked"`` (linear time), or ``"auto"``:
+            chunked once the effective length ``2*Tq*Tk/(Tq+Tk)`` (T for self-attention) reaches the
+            crossover measured for this feature dimension (:data:`CHUNKED_FROM_T`), plain otherwise
+            and whenever F > :data:`MAX_CHUNKED_FEATURES`.
         chunk_size: chunk length of the chunked form (default :data:`DEFAULT_CHUNK_SIZE`).
 
     Returns:
