@@ -48,3 +48,14 @@ def make_plugin_dist(tmp_path, monkeypatch):
 
 def repo_root() -> Path:
     return Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: on a shared, loaded 2-core machine this is far faster than two, and exact."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -3,13 +3,11 @@ full disks. Each fault is made for real (a real signal, a real SIGKILL, a real u
 non-finite gradient); only the full disk is simulated, by making the write itself fail with ENOSPC."""
 
 import errno
-import io
 import json
 import os
 import signal
 import subprocess
 import sys
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -20,39 +18,19 @@ from qtoy_core.training import run_folder as run_folder_mod
 from qtoy_core.training.config import assemble_run_config
 from qtoy_core.training.run_folder import RunFolder, RunFolderError, read_metrics
 from qtoy_core.training.trainer import Trainer, TrainingStopped
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers"))
+from in_process import FAST, qtoy  # noqa: E402
+
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "helpers"))
 from fixed_stream import fixed_batches, tiny_run_config  # noqa: E402
 
-# A tiny, fast, deterministic `qtoy train` on the synthetic data (a checkpoint every 2 steps).
-FAST = ["--d-model", "32", "--n-head", "2", "--n-ctx", "32", "--batch-size", "4", "--precision", "fp32",
-        "--no-compile", "--warmup", "2", "--eval-interval", "4", "--eval-iters", "1",
-        "--set", "train.checkpoint_interval=2", "--set", "data.shuffle_buffer=8", "--set", "data.tokenize_batch=8",
-        "--set", "data.dataset.val_fraction=0.2", "--set", "data.dataset.val_documents=8", "--quiet"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on a shared, loaded 2-core machine this is ~20x faster than two, and exact."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def qtoy(*argv) -> tuple[int, str]:
-    """Run the `qtoy` entry point in this process: (exit code, stdout + stderr)."""
-    from qtoy_cli.main import main
-
-    buffer = io.StringIO()
-    code = 0
-    with redirect_stdout(buffer), redirect_stderr(buffer):
-        try:
-            main([str(a) for a in argv])
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    return code, buffer.getvalue()
 
 
 def losses(run) -> list[tuple[int, float]]:

@@ -5,10 +5,9 @@ problem and the fix, before any training step.
 QTOY_FUZZ_EXAMPLES=2000 QTOY_FUZZ_RANDOM=1 python -m pytest tests/test_reliability_input.py
 --hypothesis-show-statistics explores more (by default a fixed, derandomized set runs)."""
 
-import io
 import json
 import os
-from contextlib import redirect_stderr, redirect_stdout
+import sys
 
 import pytest
 import torch
@@ -20,32 +19,18 @@ from qtoy_core.errors import format_validation_error
 from qtoy_core.training.config import assemble_run_config
 from qtoy_core.training.run_folder import read_metrics
 from qtoy_registry import QtoyError
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers"))
+from in_process import qtoy  # noqa: E402
+
 
 FUZZ = settings(max_examples=int(os.environ.get("QTOY_FUZZ_EXAMPLES", "150")), deadline=None,
                 derandomize=not os.environ.get("QTOY_FUZZ_RANDOM"), database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def qtoy(*argv) -> tuple[int, str]:
-    """The `qtoy` entry point in this process: (exit code, stdout + stderr)."""
-    from qtoy_cli.main import main
-
-    buffer = io.StringIO()
-    code = 0
-    with redirect_stdout(buffer), redirect_stderr(buffer):
-        try:
-            main([str(a) for a in argv])
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    return code, buffer.getvalue()
 
 
 def assert_one_clear_message(output: str) -> None:

@@ -4,12 +4,11 @@ message through `ToyTransformer.from_pretrained`, `qtoy eval`, `qtoy generate` a
 safetensors and every torch.load is weights_only=True."""
 
 import ast
-import io
 import json
 import os
+import sys
 import pickle
 import shutil
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -17,33 +16,16 @@ import torch
 
 from qtoy_core import ToyTransformer
 from qtoy_core.checkpoint import CheckpointError, MissingPluginError
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers"))
+from in_process import FAST, qtoy  # noqa: E402
+
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--d-model", "32", "--n-head", "2", "--n-ctx", "32", "--batch-size", "4", "--precision", "fp32",
-        "--no-compile", "--warmup", "2", "--eval-interval", "4", "--eval-iters", "1",
-        "--set", "train.checkpoint_interval=2", "--set", "data.shuffle_buffer=8", "--set", "data.tokenize_batch=8",
-        "--set", "data.dataset.val_fraction=0.2", "--set", "data.dataset.val_documents=8", "--quiet"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def qtoy(*argv) -> tuple[int, str]:
-    from qtoy_cli.main import main
-
-    buffer = io.StringIO()
-    code = 0
-    with redirect_stdout(buffer), redirect_stderr(buffer):
-        try:
-            main([str(a) for a in argv])
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    return code, buffer.getvalue()
 
 
 @pytest.fixture(scope="module")
