@@ -19,6 +19,8 @@ hook_scores, hook_pattern, hook_z; in the bilinear MLP: mlp.hook_left, hook_righ
 
 from __future__ import annotations
 
+import abc
+
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -100,7 +102,7 @@ def key_padding_mask(attention_mask: Tensor | None) -> Tensor | None:
     return attention_mask.to(torch.bool)
 
 
-class ProjectedAttention(Attention):
+class ProjectedAttention(Attention, metaclass=abc.ABCMeta):
     """Shared plumbing for multi-head attentions with per-head q, k, v projections.
 
     Owns q_proj, k_proj, v_proj (d_model -> n_head * d_head), out_proj (back to d_model) and the
@@ -134,9 +136,10 @@ class ProjectedAttention(Attention):
                      positions=positions)
         return self.out_proj(merge_heads(self.hook_z(z)))
 
+    @abc.abstractmethod
     def mix(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, state: dict | None,
             **inputs: Any) -> Tensor:
-        raise NotImplementedError(f"{type(self).__name__} must implement mix()")
+        """Combine per-head queries, keys and values into z (batch, heads, time, d_head)."""
 
     def wants_pattern(self) -> bool:
         """True when a hook reads scores or pattern, so the explicit (T, T) form must be computed."""

@@ -9,6 +9,8 @@ record's ordinal in the source) is congruent to their rank modulo world_size.
 
 from __future__ import annotations
 
+import abc
+
 import hashlib
 from typing import TYPE_CHECKING, Any, Iterator, Protocol
 
@@ -51,7 +53,7 @@ class DocumentSource(Protocol):
     def describe(self) -> dict[str, Any]: ...
 
 
-class TextDataset:
+class TextDataset(abc.ABC):
     """A named source of documents and its tokenizer. Subclasses implement `source()` and
     `load_tokenizer()`; the split, the rank sharding and `describe()` are provided."""
 
@@ -64,12 +66,13 @@ class TextDataset:
         self._source: DocumentSource | None = None
 
     # -- to implement --------------------------------------------------------------------------
+    @abc.abstractmethod
     def make_source(self) -> DocumentSource:
-        raise NotImplementedError
+        """Where the documents come from (a generator, local files, a hub stream)."""
 
+    @abc.abstractmethod
     def load_tokenizer(self) -> Tokenizer:
         """The dataset's own tokenizer (used when the config gives no `tokenizer` file)."""
-        raise NotImplementedError
 
     def max_documents(self, split: str) -> int | None:
         """A cap on a split's documents (an endless generator's validation split needs one)."""
