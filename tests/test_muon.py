@@ -50,3 +50,30 @@ def test_muon_state_round_trips_and_schedulers_drive_both_parts():
     fresh.load_state_dict(state)
     key = next(iter(fresh.muon.state))
     torch.testing.assert_close(fresh.muon.state[key]["momentum_buffer"], opt.muon.state[key]["momentum_buffer"])
+
+
+def _adam_steps(model, config, steps=3):
+    opt = build_optimizer(model, config)
+    torch.manual_seed(1)
+    for _ in range(steps):
+        model.loss(torch.randint(0, 64, (2, 9))).backward()
+        opt.step()
+        opt.zero_grad()
+    return opt
+
+
+def test_adamw_is_fused_on_cpu_by_default_and_matches_the_unfused_update():
+    torch.manual_seed(0)
+    base = build_model("transformer_1L", d_model=32, n_head=2, vocab_size=64)
+    fused_model, plain_model = (build_model("transformer_1L", d_model=32, n_head=2, vocab_size=64) for _ in range(2))
+    fused_model.load_state_dict(base.state_dict())
+    plain_model.load_state_dict(base.state_dict())
+    fused = _adam_steps(fused_model, "adam")
+    plain = _adam_steps(plain_model, {"name": "adam", "fused": False})
+    assert fused.defaults["fused"] is True and not plain.defaults["fused"]
+    assert all(not torch.equal(a, b) for a, b in zip(fused_model.parameters(), base.parameters()))  # it trained
+    for (name, a), b in zip(fused_model.named_parameters(), plain_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    muon = build_optimizer(base, "muon")
+    assert muon.adamw.defaults["fused"] is True
+    assert build_optimizer(base, {"name": "muon", "fused": False}).adamw.defaults["fused"] is False

@@ -23,6 +23,7 @@ class AdamConfig(OptimizerConfig):
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(TINY_GRADIENT_EPS, gt=0, description="tiny on purpose: see TINY_GRADIENT_EPS")
     weight_decay: float = Field(0.1, ge=0)
+    fused: bool | None = Field(None, description="fused AdamW kernel; None: when every parameter is on cpu/cuda")
 
 
 class MuonConfig(OptimizerConfig):
@@ -42,6 +43,7 @@ class MuonConfig(OptimizerConfig):
     adamw_betas: tuple[float, float] = (0.9, 0.95)
     adamw_eps: float = Field(TINY_GRADIENT_EPS, gt=0)
     adamw_weight_decay: float = Field(0.0, ge=0)
+    fused: bool | None = Field(None, description="fused kernel for the inner AdamW; None: when on cpu/cuda")
 
 
 @hookimpl

@@ -1,5 +1,7 @@
 import torch
 
+from qtoy_core.optim import use_fused_adamw
+
 
 def build_adam(named_parameters, config) -> torch.optim.AdamW:
     """AdamW with two named groups: "decay" (matrices) and "no_decay" (biases, gains)."""
@@ -12,4 +14,5 @@ def build_adam(named_parameters, config) -> torch.optim.AdamW:
          "weight_decay": 0.0},
     ]
     groups = [g for g in groups if g["params"]]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
+    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps,
+                             fused=use_fused_adamw(config.fused, (p for _, p in named_parameters)))

@@ -7,7 +7,7 @@ rate schedulers, gradient clipping and checkpoints treat it like any optimizer.
 
 import torch
 
-from qtoy_core.optim import is_hidden_matrix
+from qtoy_core.optim import is_hidden_matrix, use_fused_adamw
 
 
 class MuonWithAdamW(torch.optim.Optimizer):
@@ -62,5 +62,6 @@ def build_muon(named_parameters, config) -> MuonWithAdamW:
         groups = [{"name": f"adamw_{label}", "params": [p for _, p in g], "param_names": [n for n, _ in g],
                    "weight_decay": wd}
                   for label, g, wd in (("decay", decay, config.adamw_weight_decay), ("no_decay", no_decay, 0.0)) if g]
-        adamw = torch.optim.AdamW(groups, lr=config.adamw_lr, betas=config.adamw_betas, eps=config.adamw_eps)
+        adamw = torch.optim.AdamW(groups, lr=config.adamw_lr, betas=config.adamw_betas, eps=config.adamw_eps,
+                                  fused=use_fused_adamw(config.fused, (p for _, p in others)))
     return MuonWithAdamW(muon, adamw)
