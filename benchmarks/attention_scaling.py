@@ -16,6 +16,7 @@ Examples::
     python benchmarks/attention_scaling.py --json > out.json
     python benchmarks/attention_scaling.py --compare-carry # matmul vs cumsum vs loop state carry
     python benchmarks/attention_scaling.py --bilinear      # the bilinear form (D^2 features)
+    python benchmarks/attention_scaling.py --blocks        # plain form: query rows per block, vs SDPA
 
 On a machine whose cores are shared with other jobs, run with ``OMP_WAIT_POLICY=PASSIVE`` (or
 ``--threads 1 --timer cpu``): the chunked form runs many more (smaller) kernels than the plain one, and
@@ -115,6 +116,71 @@ def accuracy(xs, scale, dtype, bf16_mode, chunk_size, impls, max_plain_t):
         return out
 
 
+BLOCK_CHOICES = (32, 64, 128, 256)
+
+
+def block_sweep(args, timer) -> dict:
+    """The plain form's forward+backward with each number of query rows per block (``BLOCK_ROWS``;
+    "T" = a single block, the full square), next to softmax SDPA (causal) on the same q, k, v. The
+    batch keeps batch * T = 4096 tokens (the training shape's 16 x 256) unless --batch is given."""
+    import torch.nn.functional as F
+
+    rows_out = []
+    for dname in args.dtypes:
+        dtype = DTYPES[dname]
+        for d in args.d:
+            for t in args.T:
+                batch = args.batch_given or max(1, 4096 // t)
+                xs = make_inputs(batch, args.heads, t, d, dtype, "tensors", False)
+                grad = torch.randn(batch, args.heads, t, d).to(dtype)
+                variants = {f"rows {r}": r for r in BLOCK_CHOICES if r < t}
+                variants["rows T"] = t
+                variants["sdpa"] = None
+                original = qa.BLOCK_ROWS[dtype]
+
+                def run(rows):
+                    for x in xs:
+                        x.grad = None
+                    t0 = timer()
+                    if rows is None:
+                        z = F.scaled_dot_product_attention(*xs, is_causal=True)
+                    else:
+                        qa.BLOCK_ROWS[dtype] = rows
+                        z = qa.quadratic_attention(*xs, scale=1.0 / d, impl="plain")
+                    z.backward(grad)
+                    return timer() - t0
+
+                times = {name: [] for name in variants}
+                try:
+                    for name, rows in variants.items():
+                        run(rows)  # warm-up
+                    for r in range(args.repeats):
+                        for name, rows in (variants.items() if r % 2 == 0 else list(variants.items())[::-1]):
+                            times[name].append(run(rows))
+                finally:
+                    qa.BLOCK_ROWS[dtype] = original
+                med = {name: statistics.median(v) for name, v in times.items()}
+                quad = {n: v for n, v in med.items() if n != "sdpa"}
+                best = min(quad, key=quad.get)
+                row = {"dtype": dname, "d_head": d, "T": t, "batch": batch, "seconds": med, "best": best,
+                       "default_rows": original, "sdpa_over_best_quadratic": med["sdpa"] / quad[best],
+                       "unblocked_over_best": quad["rows T"] / quad[best]}
+                rows_out.append(row)
+                log(f"{dname} d={d} T={t} batch={batch}: " + ", ".join(f"{n} {v * 1e3:.1f} ms" for n, v in med.items()))
+    return {"rows": rows_out}
+
+
+def print_block_table(result, meta) -> None:
+    print(f"plain quadratic attention by query rows per block vs softmax SDPA (causal), forward+backward, "
+          f"{meta['heads']} heads, {meta['threads']} threads, median {meta['timer']} time of {meta['repeats']}, "
+          f"load avg {meta['loadavg_1min_before_after'][0]:.1f}->{meta['loadavg_1min_before_after'][1]:.1f}")
+    for r in result["rows"]:
+        cells = "  ".join(f"{n} {v * 1e3:7.1f}" for n, v in r["seconds"].items())
+        print(f"  {r['dtype']} d_head {r['d_head']:3d} T {r['T']:5d} batch {r['batch']:3d} (ms): {cells}  | best "
+              f"{r['best']} (default {r['default_rows']}), unblocked/best {r['unblocked_over_best']:.2f}x, "
+              f"sdpa/best quadratic {r['sdpa_over_best_quadratic']:.2f}x")
+
+
 def crossover(rows):
     """Smallest T from which chunked is at least as fast as plain for every larger measured T (None
     if never), and a log-interpolated estimate of where the ratio crosses 1."""
@@ -166,7 +232,13 @@ def main(argv=None) -> int:
     p.add_argument("--no-accuracy", action="store_true", help="skip the float64 accuracy check")
     p.add_argument("--quick", action="store_true", help="small sweep that finishes in under a minute")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout (nothing else)")
+    p.add_argument("--blocks", action="store_true",
+                   help="instead: the plain form with each number of query rows per block, and softmax SDPA "
+                        "(default T 256 512 1024, batch * T = 4096)")
     args = p.parse_args(argv)
+    args.batch_given = args.batch if "--batch" in (argv if argv is not None else sys.argv) else None
+    if args.blocks and "--T" not in (argv if argv is not None else sys.argv):
+        args.T = [256, 512, 1024]
 
     if args.quick:
         args.T = [t for t in args.T if t <= 2048] or [256, 512, 1024, 2048]
@@ -187,6 +259,18 @@ def main(argv=None) -> int:
     impls = ["plain", "chunked"] + (["chunked-cumsum", "chunked-loop"] if args.compare_carry else [])
     results = []
     started = time.perf_counter()
+    if args.blocks:
+        result = block_sweep(args, timer)
+        meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "heads": args.heads,
+                "repeats": args.repeats, "timer": args.timer, "cpu_count": os.cpu_count(),
+                "loadavg_1min_before_after": [load_before, os.getloadavg()[0] if hasattr(os, "getloadavg") else None],
+                "BLOCK_ROWS": {str(k).removeprefix("torch."): v for k, v in qa.BLOCK_ROWS.items()},
+                "total_s": time.perf_counter() - started}
+        if args.json:
+            print(json.dumps({"meta": meta, **result}))
+        else:
+            print_block_table(result, meta)
+        return 0
     for dname in args.dtypes:
         dtype = DTYPES[dname]
         for d in args.d:

@@ -151,29 +151,38 @@ def test_chunked_carry_variants_equal_plain(bilinear, carry, group):
 
 
 def test_chunked_never_materialises_time_by_time():
-    """Record every tensor produced (forward and backward): none is as large as (T, T)."""
+    """Record every tensor produced (forward and backward): none is as large as (T, T), and the
+    elements produced grow linearly with T (the plain form's grow quadratically)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    class Biggest(TorchDispatchMode):
-        numel = 0
+    class Produced(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.biggest = self.total = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             for o in out if isinstance(out, (tuple, list)) else (out,):
                 if isinstance(o, torch.Tensor):
-                    Biggest.numel = max(Biggest.numel, o.numel())
+                    self.biggest = max(self.biggest, o.numel())
+                    self.total += o.numel()
             return out
 
+    def produced(t, impl):
+        q, k, v, _, _ = qkv(b=1, h=1, tq=t, d=4, seed=35, dtype=torch.float32)
+        xs = [x.requires_grad_() for x in (q, k, v)]
+        with Produced() as seen:
+            z = quadratic_attention(*xs, scale=0.5, impl=impl, chunk_size=32)
+            z.sum().backward()
+        return seen
+
     t = 400
-    q, k, v, _, _ = qkv(b=1, h=1, tq=t, d=4, seed=35, dtype=torch.float32)
-    xs = [x.requires_grad_() for x in (q, k, v)]
-    with Biggest():
-        z = quadratic_attention(*xs, scale=0.5, impl="chunked", chunk_size=32)
-        z.sum().backward()
-    assert Biggest.numel < t * t / 4
-    with Biggest():
-        quadratic_attention(*xs, scale=0.5, impl="plain")
-    assert Biggest.numel >= t * t  # (the check does see the plain form's pattern)
+    chunked, chunked2 = produced(t, "chunked"), produced(2 * t, "chunked")
+    assert chunked.biggest < t * t / 4
+    assert chunked2.total < 2.5 * chunked.total
+    plain, plain2 = produced(t, "plain"), produced(2 * t, "plain")
+    assert plain.total > t * t / 2  # (the check does see the plain form's (blocked) pattern)
+    assert plain2.total > 3.5 * plain.total
 
 
 @pytest.mark.parametrize("bilinear", [False, True])
@@ -261,6 +270,43 @@ def test_chunked_grads_equal_plain(bilinear):
         grads[impl] = [x.grad for x in xs]
     for gp, gc in zip(grads["plain"], grads["chunked"]):
         assert rel(gc, gp) < 1e-10
+
+
+@pytest.mark.parametrize("bilinear", [False, True])
+def test_plain_blocked_kernel_gradcheck_across_blocks(bilinear, monkeypatch):
+    """The eager plain form's hand-written backward, with blocks of 3 query rows (several blocks,
+    a ragged last one, queries after a prefix of keys, a padded key) against finite differences."""
+    monkeypatch.setitem(qa.BLOCK_ROWS, torch.float64, 3)
+    q, k, v, q2, k2 = qkv(b=2, h=1, tq=8, tk=11, d=3, bilinear=bilinear, seed=45)
+    key_mask = torch.ones(2, 11, dtype=torch.bool)
+    key_mask[1, 2] = False
+    inputs = [x.requires_grad_() for x in (q, k, v, q2, k2) if x is not None]
+
+    def f(*xs):
+        q2_, k2_ = (xs[3], xs[4]) if bilinear else (None, None)
+        return quadratic_attention(xs[0], xs[1], xs[2], scale=0.6, q2=q2_, k2=k2_, key_mask=key_mask, impl="plain")
+
+    torch.testing.assert_close(f(*inputs), naive(q, k, v, 0.6, q2, k2, key_mask), rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(f, tuple(inputs))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_plain_blocked_gradients_in_low_precision_close_to_float64(dtype, tol):
+    """At n_ctx 300 (several blocks of the real size), the gradients of float32/bf16 inputs stay
+    within their precision of float64 (bf16 ones are accumulated over blocks in float32)."""
+    q, k, v, q2, k2 = qkv(b=1, h=2, tq=300, d=8, bilinear=True, seed=47)
+    weight = rand(1, 2, 300, 8, seed=48)
+    for pair in (None, (q2, k2)):
+        grads = {}
+        for dt in (F64, dtype):
+            xs = [x.detach().to(dt).requires_grad_() for x in (q, k, v, *(pair or ()))]
+            q2_, k2_ = (xs[3], xs[4]) if pair else (None, None)
+            z = quadratic_attention(xs[0], xs[1], xs[2], scale=1 / 8, q2=q2_, k2=k2_, impl="plain")
+            (z.double() * weight).sum().backward()
+            grads[dt] = [x.grad for x in xs]
+        for g_low, g_ref in zip(grads[dtype], grads[F64]):
+            assert g_low.dtype == dtype
+            assert ((g_low.double() - g_ref).norm() / g_ref.norm()).item() < tol
 
 
 # --------------------------------------------------------------------------------------------
@@ -369,9 +415,11 @@ def test_autocast_bf16():
         assert all(x.grad is not None and x.grad.dtype == torch.float32 for x in xs)
 
 
-def test_torch_compile_fullgraph():
-    """Plain (quadratic and bilinear) and chunked paths compile without graph breaks (fullgraph=True
-    raises on any), forward and backward; one compile for all three to keep the test short."""
+def test_torch_compile_fullgraph(monkeypatch):
+    """Plain (quadratic and bilinear, several row blocks) and chunked paths compile without graph
+    breaks (fullgraph=True raises on any), forward and backward, with the eager values and gradients;
+    one compile for all three to keep the test short."""
+    monkeypatch.setitem(qa.BLOCK_ROWS, torch.float32, 4)
     q, k, v, q2, k2 = qkv(b=1, h=2, tq=10, d=4, bilinear=True, seed=120, dtype=torch.float32)
 
     def f(q, k, v, q2, k2):
@@ -383,6 +431,11 @@ def test_torch_compile_fullgraph():
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
     xs = [x.clone().requires_grad_() for x in (q, k, v, q2, k2)]
     out = compiled(*xs)
-    torch.testing.assert_close(out, f(q, k, v, q2, k2))
-    out.sum().backward()
-    assert all(x.grad is not None for x in xs)
+    eager_xs = [x.clone().requires_grad_() for x in (q, k, v, q2, k2)]
+    eager_out = f(*eager_xs)
+    torch.testing.assert_close(out, eager_out)
+    weight = rand(*out.shape, seed=121, dtype=torch.float32)
+    (out * weight).sum().backward()
+    (eager_out * weight).sum().backward()
+    for x, e in zip(xs, eager_xs):
+        torch.testing.assert_close(x.grad, e.grad)
