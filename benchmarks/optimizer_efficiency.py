@@ -3,7 +3,8 @@
 
 Each optimizer is trained with qtoy's Trainer (the real training path: registry-built model and
 optimizer, warmup + cosine schedule, clipping) for the same number of tokens, at each learning rate
-of a small sweep; its best learning rate is the one with the lowest final validation loss (Muon's
+of a small sweep (extended by x3 steps while the best is at an edge); its best learning rate is the
+one with the lowest final validation loss (Muon's
 inner AdamW, for embeddings and unembedding, uses the best AdamW learning rate). The
 target loss is the final validation loss of the best AdamW run (so AdamW reaches it at its last
 evaluation, by construction); the figure is the number of training tokens each optimizer needs to
@@ -99,10 +100,12 @@ def main(argv=None) -> None:
     p.add_argument("--eval-iters", type=int, default=4)
     p.add_argument("--precision", default="auto")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-extend", type=int, default=3,
+                   help="extra learning rates per optimizer when the best one is at an edge of the sweep")
     args = p.parse_args(argv)
     args.steps = args.steps or (150 if args.quick else 400)
     args.eval_interval = args.eval_interval or max(1, args.steps // 16)
-    sweep = QUICK_SWEEP if args.quick else SWEEP
+    sweep = {o: list(v) for o, v in (QUICK_SWEEP if args.quick else SWEEP).items()}
 
     import torch
 
@@ -117,10 +120,29 @@ def main(argv=None) -> None:
         adamw_lr = None
         if optimizer == "muon":
             adamw_lr = min((r for r in runs if r["optimizer"] == "adam"), key=lambda r: r["final_val_loss"])["lr"]
-        for lr in lrs:
+        tried: dict[float, dict] = {}
+        todo = sorted(lrs)
+        # A best learning rate at the edge of the sweep is no optimum: extend the sweep by x3 steps on
+        # that side until the best is inside it (at most `--max-extend` extra runs per optimizer).
+        extra = 0
+        while todo:
+            lr = todo.pop(0)
             run = train(optimizer, lr, args, adamw_lr)
-            log(f"{optimizer} lr {lr}: final val loss {run['final_val_loss']} ({run['seconds']} s)")
+            log(f"{optimizer} lr {lr:g}: final val loss {run['final_val_loss']} ({run['seconds']} s)")
+            tried[lr] = run
             runs.append(run)
+            if todo:
+                continue
+            ordered = sorted(tried)
+            best_lr = min(ordered, key=lambda x: tried[x]["final_val_loss"])
+            if extra >= args.max_extend or len(ordered) < 2:
+                break
+            if best_lr == ordered[-1]:
+                todo.append(round(best_lr * 3, 6))
+            elif best_lr == ordered[0]:
+                todo.append(round(best_lr / 3, 6))
+            extra += len(todo)
+        sweep[optimizer] = sorted(tried)
     best = {o: min((r for r in runs if r["optimizer"] == o), key=lambda r: r["final_val_loss"]) for o in sweep}
     target = best["adam"]["final_val_loss"]
     need = {o: tokens_to_reach(best[o]["curve"], target) for o in sweep}
