@@ -256,12 +256,20 @@ def test_top_pairs_exact_and_restricted_search():
 
 
 # ------------------------------------------------------------------------------------- cache
+def close_at_scale(actual, expected, rel=1e-5):
+    """Equal up to float32 rounding relative to the tensor's scale: a forward that reads the pattern
+    through hooks builds it explicitly, the plain forward uses the blocked kernel (the same maths in
+    another order), and these weights make activations reach ~1e11."""
+    expected = expected.detach()
+    torch.testing.assert_close(actual, expected, rtol=rel, atol=rel * float(expected.abs().max()))
+
+
 def test_run_with_cache_names_shapes_and_cleanup():
     model = small("transformer_2L", positional="learned", attn="quadratic")
     B_, T_ = 2, 9
     tokens = torch.randint(0, V, (B_, T_))
     logits, cache = model.run_with_cache(tokens)
-    torch.testing.assert_close(logits, model(tokens))
+    close_at_scale(logits, model(tokens))
     names = hook_names(model)
     assert list(cache) == names
     d, dm = D // H, 4 * D
@@ -293,7 +301,7 @@ def test_run_with_cache_names_shapes_and_cleanup():
     # filters: a name, a list, a predicate; hook_result alone does not leak hook_z
     _, c1 = model.run_with_cache(tokens, names_filter="blocks.1.attn.hook_result")
     assert list(c1) == ["blocks.1.attn.hook_result"]
-    torch.testing.assert_close(c1["blocks.1.attn.hook_result"], cache["blocks.1.attn.hook_result"])
+    close_at_scale(c1["blocks.1.attn.hook_result"], cache["blocks.1.attn.hook_result"])
     _, c2 = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("resid_post"))
     assert list(c2) == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
 

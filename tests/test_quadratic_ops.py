@@ -222,8 +222,9 @@ def test_auto_dispatch(monkeypatch):
 
 
 def test_auto_dispatch_measured_constants():
-    assert not qa._use_chunked(512, 512, 32, False) and qa._use_chunked(4096, 4096, 32, False)
-    assert not qa._use_chunked(2048, 2048, 64, False) and qa._use_chunked(4096, 4096, 64, False)
+    assert not qa._use_chunked(2048, 2048, 32, False) and qa._use_chunked(4096, 4096, 32, False)
+    assert not qa._use_chunked(4096, 4096, 64, False) and qa._use_chunked(8192, 8192, 64, False)
+    assert not qa._use_chunked(4096, 4096, 64, True) and qa._use_chunked(8192, 8192, 64, True)
     assert not qa._use_chunked(1, 100_000, 64, False)  # decoding one token: plain
     assert not qa._use_chunked(10**6, 10**6, 128, False)  # F = 8256 > MAX_CHUNKED_FEATURES
 

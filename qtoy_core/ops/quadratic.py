@@ -55,39 +55,40 @@ __all__ = [
 
 # ---------------------------------------------------------------------------------------------
 # Dispatch constants, measured with benchmarks/attention_scaling.py on the development machine
-# (2-core AMD EPYC, AVX-512 + AMX, torch 2.13 CPU; batch 1, 4 heads, forward + backward, median of 3,
-# --threads 1 --timer cpu: the 2 cores were shared with other jobs (load average 5-10), under which
-# wall-clock times of 2-thread runs were not reproducible).
+# (2-core AMD EPYC with AVX-512 BF16, no AMX; torch 2.13 CPU; batch 1, 4 heads, forward + backward,
+# median wall time of 3, 2 threads, quiet machine; 2026-11-27, after the plain form became the
+# blocked kernel below).
 #
 # Crossover T (chunked faster from there on; log-interpolated between the measured powers of two,
 # plain/chunked ratio in brackets):
 #
 #   form       d_head   F      fp32                          bf16
-#   quadratic  32       528    ~620  (0.84 @512, 1.71 @1024)  ~930  (0.57 @512, 1.17 @1024)
-#   bilinear   32       1024   ~830  (0.55 @512, 1.29 @1024)  ~1050 (0.98 @1024, 1.77 @2048)
-#   quadratic  64       2080   ~1570 (0.44 @1024, 1.58 @2048) ~2640 (0.70 @2048, 2.80 @4096)
-#   bilinear   64       4096   ~2360 (0.90 @2048, 1.77 @4096) ~3500 (0.58 @2048, 1.23 @4096)
+#   quadratic  32       528    ~2420 (0.79 @2048, 2.09 @4096) ~1540 (0.76 @1024, 1.22 @2048)
+#   bilinear   32       1024   ~2390 (0.81 @2048, 2.10 @4096) ~1770 (0.69 @1024, 1.10 @2048)
+#   quadratic  64       2080   ~5870 (0.60 @4096, 1.61 @8192) ~6100 (0.67 @4096, 1.34 @8192)
+#   bilinear   64       4096   ~6970 (0.54 @4096, 1.20 @8192) ~7430 (0.57 @4096, 1.10 @8192)
 #
-# At T = 4096 the chunked form is 8-9x (d_head 32) and 2.5-2.7x (d_head 64) faster than the plain
-# one, fp32 and bf16, and at T = 8192 5-18x. A 2-thread wall-clock sweep with OMP_WAIT_POLICY=PASSIVE
-# (same load) agreed: crossovers ~740 / ~1740 (fp32 d_head 32 / 64), ~1030 / ~2580 (bf16), ratios at
-# T = 4096 8.0 / 2.5 (both dtypes).
+# Why the crossover sits near T ~ D^2 for d_head 64: per token, the chunked form costs ~2 F D ~ D^3
+# multiply-adds whatever T, while the blocked plain form costs ~T D (it skips the masked half), so
+# the linear form only pulls ahead once T exceeds ~D^2 (4096 for D = 64, 1024 for D = 32). Against the
+# textbook plain form (autograd ops over the full square, what qtoy ran before) the chunked form is
+# 10-11x (d_head 32) and 2.2-2.9x (d_head 64) faster at T = 4096.
 # ---------------------------------------------------------------------------------------------
 
 #: ``impl="auto"`` crossover, keyed by the feature dimension F (D(D+1)/2 quadratic, D^2 bilinear):
 #: the chunked form is used once the effective length ``2*Tq*Tk/(Tq+Tk)`` (= T for self-attention;
-#: plain costs ~Tq*Tk, chunked ~(Tq+Tk)*F) reaches the value. The bf16 crossovers above (the larger
-#: ones), rounded up to a multiple of 128; linear interpolation in F between the entries,
+#: plain costs ~Tq*Tk, chunked ~(Tq+Tk)*F) reaches the value. The larger of the fp32 and bf16
+#: crossovers above, rounded up to a multiple of 128; linear interpolation in F between the entries,
 #: proportional below the first.
-CHUNKED_FROM_T: dict[int, int] = {528: 1024, 1024: 1152, 2080: 2688, 4096: 3584}
+CHUNKED_FROM_T: dict[int, int] = {528: 2432, 1024: 2432, 2080: 6144, 4096: 7552}
 
 #: ``impl="auto"`` uses the plain form whenever the feature dimension exceeds this (the chunked cost
 #: grows like F*D per token, and larger F, e.g. bilinear d_head 128 with F = 16384, were not measured).
 MAX_CHUNKED_FEATURES = 4096
 
 #: Default chunk length of the chunked form (``chunk_size=None``): 256 measured best or within noise
-#: of the best among 64/128/256/512 for d_head 32 and 64 at T = 4096 (d_head 64: 64 is 1.4-1.7x slower,
-#: 128 ~1.05-1.1x, 512 ~1.05x).
+#: of the best among 64/128/256/512 for d_head 32 and 64 at T = 4096, fp32 and bf16 (re-measured with
+#: the blocked kernel inside the chunks: 64 is 1.4-1.6x slower, 128 and 512 within ~10%, either way).
 DEFAULT_CHUNK_SIZE = 256
 
 _SQRT2 = math.sqrt(2.0)
@@ -244,8 +245,9 @@ def _plain(q, k, v, scale, q2, k2) -> Tensor:
     return _CausalBlocked.apply(q, k, v, q2, k2, scale)
 
 
-#: Query rows per block of the plain form (see :class:`_CausalBlocked`), by input dtype: the
-#: fastest of 32/64/128/256 in benchmarks/attention_scaling.py --blocks (T 256-1024, d_head 32/64).
+#: Query rows per block of the plain form (see :class:`_CausalBlocked`), by input dtype: the fastest,
+#: or within noise of it, of 32/64/128/256 in benchmarks/attention_scaling.py --blocks (T 256-1024,
+#: d_head 32/64, 2 threads, three runs).
 BLOCK_ROWS = {torch.float32: 64, torch.float64: 64, torch.bfloat16: 128, torch.float16: 128}
 
 
