@@ -30,10 +30,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import sys
 import time
+
+import machine  # benchmarks/machine.py: the CPU and its matmul instruction sets
 
 import torch
 
@@ -126,6 +127,7 @@ def main(argv=None) -> int:
         for param in model.parameters():
             param.normal_(0.0, 0.02)  # random weights everywhere (out_proj starts at zero otherwise)
     model.requires_grad_(False)
+    log(f"machine: {machine.one_line()}")
     log(f"vocab {args.vocab}, d_model {args.d_model}, {args.n_head} heads, d_head {args.d_model // args.n_head}, "
         f"{torch.get_num_threads()} threads, max_tokens {max_tokens}")
 
@@ -165,7 +167,7 @@ def main(argv=None) -> int:
     result = {
         "config": {"vocab": args.vocab, "d_model": args.d_model, "n_head": args.n_head,
                    "d_head": args.d_model // args.n_head, "top_k": args.top_k, "max_tokens": max_tokens,
-                   "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
+                   "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": machine.describe(),
                    "cpus": os.cpu_count(), "load_avg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
         "phases": phases,
         "total_s": round(total_s, 2),

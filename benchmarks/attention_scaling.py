@@ -35,14 +35,18 @@ import statistics
 import sys
 import time
 
+import machine  # benchmarks/machine.py: the CPU and its matmul instruction sets
+
 import torch
 
 from qtoy_core.ops import quadratic as qa
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# (T, T) temporaries alive at once in plain forward+backward (scores, pattern, masked pattern and
-# their gradients), used to decide when plain is skipped for memory.
-PLAIN_TT_TENSORS = 6
+# (T, T)-sized memory of the plain form's forward+backward, in units of one full (T, T) tensor, used to
+# decide when plain is skipped for memory: the blocked kernel keeps the scores and the pattern of
+# the lower triangle (~2 x T^2 / 2; 3 x with the bilinear second scores, counted by the x2 below);
+# the textbook autograd form keeps the full square ~6 times.
+PLAIN_TT_TENSORS = {"plain": 1.5, "plain-autograd": 6}
 
 
 def mem_available_gb() -> float | None:
@@ -68,7 +72,19 @@ def make_inputs(batch, heads, t, d, dtype, bf16_mode, bilinear, seed=0):
     return xs
 
 
+def textbook_plain(q, k, v, scale, q2=None, k2=None):
+    """The plain form as autograd ops over the full (T, T) square (what qtoy ran before its blocked
+    kernel, and what a reader would write): the baseline of the issue's ">= 2x at T = 4096"."""
+    t = q.shape[-2]
+    scores = (q * scale) @ k.transpose(-1, -2)
+    pattern = scores.square() if q2 is None else scores * ((q2 * scale) @ k2.transpose(-1, -2))
+    future = torch.ones(t, t, dtype=torch.bool, device=q.device).triu_(1)
+    return pattern.masked_fill(future, 0.0) @ v
+
+
 def attend(impl, q, k, v, scale, q2, k2, chunk_size):
+    if impl == "plain-autograd":
+        return textbook_plain(q, k, v, scale, q2, k2)
     if impl.startswith("chunked-"):  # state-carry variants of the chunked form
         carry = impl.split("-", 1)[1]
         return qa._chunked(q, k, v, scale, q2, k2, chunk_size or qa.DEFAULT_CHUNK_SIZE, carry=carry)[0]
@@ -108,7 +124,7 @@ def accuracy(xs, scale, dtype, bf16_mode, chunk_size, impls, max_plain_t):
         q, k, v = xd[:3]
         q2, k2 = (xd[3], xd[4]) if len(xd) == 5 else (None, None)
         for impl in impls:
-            if impl == "plain" and q.shape[-2] > max_plain_t:
+            if impl in PLAIN_TT_TENSORS and q.shape[-2] > max_plain_t:
                 continue
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                 z = attend(impl, q, k, v, scale, q2, k2, chunk_size)
@@ -174,6 +190,7 @@ def print_block_table(result, meta) -> None:
     print(f"plain quadratic attention by query rows per block vs softmax SDPA (causal), forward+backward, "
           f"{meta['heads']} heads, {meta['threads']} threads, median {meta['timer']} time of {meta['repeats']}, "
           f"load avg {meta['loadavg_1min_before_after'][0]:.1f}->{meta['loadavg_1min_before_after'][1]:.1f}")
+    print(f"machine: {machine.one_line(meta['machine'])}")
     for r in result["rows"]:
         cells = "  ".join(f"{n} {v * 1e3:7.1f}" for n, v in r["seconds"].items())
         print(f"  {r['dtype']} d_head {r['d_head']:3d} T {r['T']:5d} batch {r['batch']:3d} (ms): {cells}  | best "
@@ -232,6 +249,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-accuracy", action="store_true", help="skip the float64 accuracy check")
     p.add_argument("--quick", action="store_true", help="small sweep that finishes in under a minute")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout (nothing else)")
+    p.add_argument("--textbook", action="store_true",
+                   help="also time the plain form written as autograd ops over the full square (plain-autograd), "
+                        "the baseline qtoy's blocked kernel replaced")
     p.add_argument("--blocks", action="store_true",
                    help="instead: the plain form with each number of query rows per block, and softmax SDPA "
                         "(default T 256 512 1024, batch * T = 4096)")
@@ -256,12 +276,13 @@ def main(argv=None) -> int:
 
     timer = TIMERS[args.timer]
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    impls = ["plain", "chunked"] + (["chunked-cumsum", "chunked-loop"] if args.compare_carry else [])
+    impls = (["plain", "chunked"] + (["chunked-cumsum", "chunked-loop"] if args.compare_carry else [])
+             + (["plain-autograd"] if args.textbook else []))
     results = []
     started = time.perf_counter()
     if args.blocks:
         result = block_sweep(args, timer)
-        meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "heads": args.heads,
+        meta = {"machine": machine.describe(), "torch": torch.__version__, "threads": torch.get_num_threads(), "heads": args.heads,
                 "repeats": args.repeats, "timer": args.timer, "cpu_count": os.cpu_count(),
                 "loadavg_1min_before_after": [load_before, os.getloadavg()[0] if hasattr(os, "getloadavg") else None],
                 "BLOCK_ROWS": {str(k).removeprefix("torch."): v for k, v in qa.BLOCK_ROWS.items()},
@@ -276,21 +297,26 @@ def main(argv=None) -> int:
         for d in args.d:
             scale = 1.0 / d
             rows = []
-            plain_too_slow = False
+            plain_too_slow: set[str] = set()
             for t in args.T:
                 xs = make_inputs(args.batch, args.heads, t, d, dtype, args.bf16_mode, args.bilinear)
                 elem = 2 if dtype == torch.bfloat16 else 4
-                plain_gb = PLAIN_TT_TENSORS * args.batch * args.heads * t * t * elem * (2 if args.bilinear else 1) / 1e9
                 run_impls = list(impls)
                 skipped = None
                 avail = mem_available_gb()
                 budget = args.max_plain_gb if avail is None else min(args.max_plain_gb, 0.6 * avail)
-                if plain_gb > budget:
-                    skipped = f"memory ~{plain_gb:.1f} GB > {budget:.1f} GB"
-                elif plain_too_slow:
-                    skipped = f"time: a run at smaller T took > {args.max_plain_s} s"
-                if skipped:
-                    run_impls.remove("plain")
+                for plain in [i for i in impls if i in PLAIN_TT_TENSORS]:
+                    plain_gb = (PLAIN_TT_TENSORS[plain] * args.batch * args.heads * t * t * elem
+                                * (2 if args.bilinear else 1) / 1e9)
+                    reason = None
+                    if plain_gb > budget:
+                        reason = f"memory ~{plain_gb:.1f} GB > {budget:.1f} GB"
+                    elif plain in plain_too_slow:
+                        reason = f"time: a run at smaller T took > {args.max_plain_s} s"
+                    if reason:
+                        run_impls.remove(plain)
+                        if plain == "plain":
+                            skipped = reason
                 times = {i: [] for i in run_impls}
                 for i in run_impls:  # warm-up (allocations, lazy init)
                     run_once(i, xs, scale, dtype, args.bf16_mode, args.chunk_size, timer)
@@ -306,8 +332,11 @@ def main(argv=None) -> int:
                 if not args.no_accuracy:
                     row["rel_err"] = accuracy(xs, scale, dtype, args.bf16_mode, args.chunk_size, impls,
                                               max_plain_t=t if not skipped else 0)
-                if row["plain_s"] and row["plain_s"] > args.max_plain_s:
-                    plain_too_slow = True
+                for plain in PLAIN_TT_TENSORS:
+                    if row.get(f"{plain}_s") and row[f"{plain}_s"] > args.max_plain_s:
+                        plain_too_slow.add(plain)
+                if row.get("plain-autograd_s") and row["chunked_s"]:
+                    row["ratio_vs_textbook"] = row["plain-autograd_s"] / row["chunked_s"]
                 rows.append(row)
                 log(f"[{time.perf_counter() - started:6.1f}s] {dname} d={d} T={t}: "
                     + ", ".join(f"{i}={row[f'{i}_s']:.4f}s" for i in impls if row[f"{i}_s"] is not None)
@@ -317,6 +346,7 @@ def main(argv=None) -> int:
             results.append({"dtype": dname, "d_head": d, "rows": rows, "crossover_T": first, "crossover_T_interp": est})
 
     meta = {
+        "machine": machine.describe(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "batch": args.batch,
@@ -346,8 +376,10 @@ def _fmt_s(x):
 
 def print_table(results, meta, impls) -> None:
     header = ["dtype", "d_head", "T", "plain", "chunked", "plain/chunked"]
-    extra = [i for i in impls if i.startswith("chunked-")]
+    extra = [i for i in impls if i.startswith("chunked-") or i == "plain-autograd"]
     header += extra
+    if "plain-autograd" in impls:
+        header += ["plain-autograd/chunked"]
     have_err = any("rel_err" in r for s in results for r in s["rows"])
     if have_err:
         header += ["err plain", "err chunked"]
@@ -358,6 +390,8 @@ def print_table(results, meta, impls) -> None:
             line = [r["dtype"], str(r["d_head"]), str(r["T"]), _fmt_s(r["plain_s"]), _fmt_s(r["chunked_s"]),
                     "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"]
             line += [_fmt_s(r[f"{i}_s"]) for i in extra]
+            if "plain-autograd" in impls:
+                line += ["-" if r.get("ratio_vs_textbook") is None else f"{r['ratio_vs_textbook']:.2f}x"]
             if have_err:
                 e = r.get("rel_err", {})
                 line += [f"{e['plain']:.1e}" if "plain" in e else "-", f"{e['chunked']:.1e}" if "chunked" in e else "-"]
@@ -381,12 +415,14 @@ def print_table(results, meta, impls) -> None:
             table.add_column(h, justify="left" if h in ("dtype", "note") else "right")
         for line in body:
             table.add_row(*line)
-        console = Console()
+        console = Console(width=None if sys.stdout.isatty() else 200)  # (piped: no 80-column wrap)
         console.print(table)
+        console.print(f"machine: {machine.one_line(meta['machine'])}")
         for c in cross:
             console.print(c)
     except ImportError:  # plain-text fallback
         print(title)
+        print(f"machine: {machine.one_line(meta['machine'])}")
         widths = [max(len(h), *(len(l[i]) for l in body)) for i, h in enumerate(header)]
         print("  ".join(h.rjust(w) for h, w in zip(header, widths)))
         for line in body:

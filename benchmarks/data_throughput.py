@@ -19,6 +19,8 @@ import sys
 import tempfile
 import time
 
+import machine  # benchmarks/machine.py: the CPU and its matmul instruction sets
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 TRAINING_TOKENS_PER_S = (20_000, 50_000)
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     batches = max(4, (300_000 if args.quick else 3_000_000) // (args.batch_size * args.n_ctx))
     n_file_docs = 4_000 if args.quick else 20_000
     results: dict = {"n_ctx": args.n_ctx, "batch_size": args.batch_size, "cpu_threads": torch.get_num_threads(),
-                     "cpus": os.cpu_count(), "training_tokens_per_s": list(TRAINING_TOKENS_PER_S), "runs": []}
+                     "cpus": os.cpu_count(), "machine": machine.describe(), "training_tokens_per_s": list(TRAINING_TOKENS_PER_S), "runs": []}
 
     synthetic = build_dataset("synthetic")
     start = time.perf_counter()
@@ -97,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(results))
         return
     print(f"data pipeline throughput (n_ctx={args.n_ctx}, batch_size={args.batch_size}, {results['cpus']} CPUs)")
+    print(f"machine: {machine.one_line(results['machine'])}")
     for run in results["runs"]:
         print(f"  {run['dataset']:>13} {run['mode']:>6}: {run['tokens_per_s']:>10,} tokens/s   first batch "
               f"{run['first_batch_s']:.2f} s   x{run['ratio_to_training'][1]} of 50k tok/s training "

@@ -25,6 +25,8 @@ import sys
 import tempfile
 import time
 
+import machine  # benchmarks/machine.py: the CPU and its matmul instruction sets
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SWEEP = {"adam": [1e-3, 3e-3, 1e-2], "muon": [0.01, 0.02, 0.05]}
@@ -109,7 +111,7 @@ def main(argv=None) -> None:
 
     import torch
 
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+    meta = {"machine": machine.describe(), "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
             "loadavg_start": [round(x, 2) for x in os.getloadavg()],
             **{k: getattr(args, k) for k in ("model_type", "d_model", "n_head", "n_ctx", "batch_size", "steps",
                                              "eval_interval", "eval_iters", "precision", "seed")},
@@ -158,6 +160,7 @@ def main(argv=None) -> None:
     print(f"Muon vs AdamW on synthetic ({args.model_type}, d_model {args.d_model}, n_ctx {args.n_ctx}, batch "
           f"{args.batch_size}, {args.steps} steps = {meta['tokens_per_run']:,} tokens per run, precision "
           f"{args.precision}; load avg {meta['loadavg_start'][0]} -> {result['meta']['loadavg_end'][0]})")
+    print(f"machine: {machine.one_line(meta['machine'])}")
     print(f"  {'optimizer':<9}{'lr':>8}{'final val':>11}{'seconds':>9}")
     for r in runs:
         mark = " *" if r is best[r["optimizer"]] else ""

@@ -16,7 +16,7 @@ bilinear MLP, tied embeddings) this times, in tokens/s:
 Runs of all variants alternate (background load hits them alike); the median of the repeats is
 reported, with ratios and the model FLOP utilisation (MFU) against the fp32 and bf16 matmul peaks
 this script measures first. ``default`` is what ``qtoy train`` does by itself for a default-length run
-(600 steps): precision auto (bf16 on AMX CPUs) and torch.compile when `should_compile` says it pays.
+(600 steps): precision auto (bf16 on CPUs with AVX512-BF16 or AMX) and torch.compile when `should_compile` says it pays.
 
     python benchmarks/train_throughput.py             # full (~10 min on 2 cores, compiles included)
     python benchmarks/train_throughput.py --quick     # < 1 minute: 2 model types, eager only
@@ -35,6 +35,8 @@ import statistics
 import sys
 import tempfile
 import time
+
+import machine  # benchmarks/machine.py: the CPU and its matmul instruction sets
 
 import torch
 import torch.nn.functional as F
@@ -237,7 +239,8 @@ class QtoyStep:
 
 def flops_per_token(model_type, shape) -> float:
     """Training FLOPs per token: 3 x forward matmul FLOPs (weights, plus the (T, T) attention
-    matmuls as computed: the full square, 2 matmuls of 2*T*d each per layer)."""
+    matmuls counted as the full square, 2 matmuls of 2*T*d each per layer: the usual MFU convention,
+    as in PaLM and nanoGPT, although qtoy's blocked kernel skips most of the zero upper triangle)."""
     from qtoy_core.config import parse_model_type
 
     n_layers, mlp = parse_model_type(model_type)
@@ -355,7 +358,7 @@ def main(argv=None) -> None:
     steps = args.steps or (2 if quick else 3)
     warmup = 1 if quick else 2
 
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+    meta = {"machine": machine.describe(), "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
             "loadavg_start": [round(x, 2) for x in os.getloadavg()], "quick": quick, "repeats": repeats,
             "steps_per_repeat": steps}
     log("measuring matmul peaks ...")
@@ -401,6 +404,7 @@ def main(argv=None) -> None:
         return
     print(f"training throughput (tokens/s, median of {repeats} x {steps} steps; torch {meta['torch']}, "
           f"{meta['threads']} threads; load avg {meta['loadavg_start'][0]} -> {meta['loadavg_end'][0]})")
+    print(f"machine: {machine.one_line(meta['machine'])}")
     print(f"matmul peak (best of start and end): fp32 {peaks['fp32']} GFLOP/s, bf16 {peaks['bf16']} GFLOP/s")
     for r in results:
         print(f"\n{r['model_type']} [{r['shape']}: vocab {r['vocab_size']}, d_model {r['d_model']}, "
