@@ -60,21 +60,33 @@ def log(*args) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+# where every variant runs: "cpu" (default) or "cuda" (--device), set once in main()
+DEVICE = torch.device("cpu")
+
+
+def sync() -> None:
+    """Wait for queued GPU work (a no-op on CPU) so that wall-clock times measure it."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def matmul_peak(dtype: torch.dtype, sizes: tuple[int, ...], seconds: float) -> float:
     """Best GFLOP/s of (n, n) x (n, n) products (``a @ b`` and ``F.linear``, which may take other
     kernels) over ~`seconds` per size: the best single call counts (background load only slows calls)."""
     best = 0.0
     for n in sizes:
-        a = torch.randn(n, n).to(dtype)
-        b = torch.randn(n, n).to(dtype)
+        a = torch.randn(n, n, device=DEVICE).to(dtype)
+        b = torch.randn(n, n, device=DEVICE).to(dtype)
         for _ in range(3):
             a @ b
             F.linear(a, b)
         end = time.perf_counter() + seconds
         while time.perf_counter() < end:
             for f in (torch.matmul, F.linear):
+                sync()
                 t0 = time.perf_counter()
                 f(a, b)
+                sync()
                 best = max(best, 2 * n**3 / (time.perf_counter() - t0) / 1e9)
     return best
 
@@ -163,10 +175,10 @@ class RefModel(nn.Module):
 
     def forward(self, tokens):
         t = tokens.shape[1]
-        freqs = torch.arange(t, dtype=torch.float32)[:, None] * self.inv_freq[None, :]
+        freqs = torch.arange(t, dtype=torch.float32, device=tokens.device)[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos(), emb.sin()
-        future = torch.ones(t, t, dtype=torch.bool).triu_(1)
+        future = torch.ones(t, t, dtype=torch.bool, device=tokens.device).triu_(1)
         x = self.embed(tokens)
         for blk in self.blocks:
             x = blk(x, cos, sin, future)
@@ -184,7 +196,7 @@ class RefStep:
 
         n_layers, mlp = parse_model_type(model_type)
         torch.manual_seed(seed)
-        self.model = RefModel(shape["vocab_size"], shape["d_model"], shape["n_head"], n_layers, mlp, softmax)
+        self.model = RefModel(shape["vocab_size"], shape["d_model"], shape["n_head"], n_layers, mlp, softmax).to(DEVICE)
         decay = [p for p in self.model.parameters() if p.ndim >= 2]
         other = [p for p in self.model.parameters() if p.ndim < 2]
         groups = [{"params": decay, "weight_decay": 0.1}] + ([{"params": other, "weight_decay": 0.0}] if other else [])
@@ -195,7 +207,7 @@ class RefStep:
         self.batches = batches
 
     def _loss(self, tokens):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=self.bf16):
             logits = self.model(tokens[:, :-1])
         return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
 
@@ -220,7 +232,7 @@ class QtoyStep:
                       "n_head": shape["n_head"], "n_ctx": shape["n_ctx"], "attention": attn},
             "optimizer": {"name": "adam"},
             "train": {"batch_size": shape["batch"], "precision": precision, "compile": compiled,
-                      "max_iters": 10**6, "warmup": 0, "seed": seed, "device": "cpu"},
+                      "max_iters": 10**6, "warmup": 0, "seed": seed, "device": DEVICE.type},
         }
         self._tmp = tempfile.TemporaryDirectory()
         self.trainer = Trainer(RunConfig.model_validate(doc), os.path.join(self._tmp.name, "run"),
@@ -252,7 +264,8 @@ def flops_per_token(model_type, shape) -> float:
 
 def token_stream(shape, n=8, seed=0):
     g = torch.Generator().manual_seed(seed)
-    pool = [torch.randint(0, shape["vocab_size"], (shape["batch"], shape["n_ctx"] + 1), generator=g) for _ in range(n)]
+    pool = [torch.randint(0, shape["vocab_size"], (shape["batch"], shape["n_ctx"] + 1), generator=g).to(DEVICE)
+            for _ in range(n)]
     return itertools.cycle(pool)
 
 
@@ -280,6 +293,7 @@ def bench_model(model_type, shape_name, variants, *, repeats, steps, warmup, pea
         q, r = built["qtoy/fp32"].model, built["ref/fp32"].model
         r2 = RefModel(shape["vocab_size"], shape["d_model"], shape["n_head"], len(q.blocks), q.config.has_mlp)
         r2.load_state_dict(q.state_dict())  # same names and shapes
+        r2.to(DEVICE)
         toks = next(token_stream(shape))[:2, :-1]
         with torch.no_grad():
             check["ref_vs_qtoy_max_abs_logit_diff"] = float((q(toks) - r2(toks)).abs().max())
@@ -304,7 +318,10 @@ def bench_model(model_type, shape_name, variants, *, repeats, steps, warmup, pea
     from qtoy_core.training.precision import cpu_supports_fast_bf16
     from qtoy_core.training.trainer import should_compile
 
-    auto_precision = "bf16" if cpu_supports_fast_bf16() else "fp32"
+    if DEVICE.type == "cuda":
+        auto_precision = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    else:
+        auto_precision = "bf16" if cpu_supports_fast_bf16() else "fp32"
     eager_key = f"qtoy/{auto_precision}"
     if eager_key in rows:
         compiles = should_compile(None, seconds_per_step=rows[eager_key]["step_s"], steps_left=DEFAULT_RUN_STEPS - 3)
@@ -347,7 +364,13 @@ def main(argv=None) -> None:
     p.add_argument("--impls", default=None, help="comma-separated subset of qtoy,ref,sdpa,qtoy_softmax")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="steps per timed repeat")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="run every variant (and the matmul peak) on this device")
     args = p.parse_args(argv)
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device here (torch.cuda.is_available() is False)")
 
     torch._dynamo.config.cache_size_limit = 64  # many models compiled in one process
     quick = args.quick
@@ -358,7 +381,8 @@ def main(argv=None) -> None:
     steps = args.steps or (2 if quick else 3)
     warmup = 1 if quick else 2
 
-    meta = {"machine": machine.describe(), "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+    meta = {"machine": machine.describe(), "device": str(DEVICE),
+            "gpu": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else None, "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
             "loadavg_start": [round(x, 2) for x in os.getloadavg()], "quick": quick, "repeats": repeats,
             "steps_per_repeat": steps}
     log("measuring matmul peaks ...")
@@ -404,7 +428,7 @@ def main(argv=None) -> None:
         return
     print(f"training throughput (tokens/s, median of {repeats} x {steps} steps; torch {meta['torch']}, "
           f"{meta['threads']} threads; load avg {meta['loadavg_start'][0]} -> {meta['loadavg_end'][0]})")
-    print(f"machine: {machine.one_line(meta['machine'])}")
+    print(f"machine: {machine.one_line(meta['machine'])}" + (f"; device: {meta['gpu']}" if meta["gpu"] else ""))
     print(f"matmul peak (best of start and end): fp32 {peaks['fp32']} GFLOP/s, bf16 {peaks['bf16']} GFLOP/s")
     for r in results:
         print(f"\n{r['model_type']} [{r['shape']}: vocab {r['vocab_size']}, d_model {r['d_model']}, "
