@@ -291,6 +291,17 @@ def test_plain_blocked_kernel_gradcheck_across_blocks(bilinear, monkeypatch):
     assert torch.autograd.gradcheck(f, tuple(inputs))
 
 
+@pytest.mark.parametrize("impl", ["plain", "chunked"])
+@pytest.mark.parametrize("b,tq,tk", [(0, 5, 5), (2, 0, 6), (1, 0, 0)])
+def test_empty_inputs_give_empty_outputs_and_gradients(impl, b, tq, tk):
+    q, k, v, _, _ = qkv(b=b, h=2, tq=tq, tk=tk, d=3, seed=46)
+    xs = [x.requires_grad_() for x in (q, k, v)]
+    z = quadratic_attention(*xs, scale=0.5, impl=impl, chunk_size=2)
+    assert z.shape == (b, 2, tq, 3)
+    z.sum().backward()
+    assert all(x.grad is not None and x.grad.shape == x.shape and not x.grad.any() for x in xs)
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 def test_plain_blocked_gradients_in_low_precision_close_to_float64(dtype, tol):
     """At n_ctx 300 (several blocks of the real size), the gradients of float32/bf16 inputs stay

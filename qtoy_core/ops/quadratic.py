@@ -274,10 +274,12 @@ class _CausalBlocked(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, q2, k2, scale):  # type: ignore[override]
         tq, tk, d, dv = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
-        q3, k3, v3 = q.reshape(-1, tq, d), k.reshape(-1, tk, d), v.reshape(-1, tk, dv)
+        # leading dims (batch, heads[, chunks]) -> one batch dim; flatten (not reshape(-1, ...)) so
+        # that an empty batch works too
+        q3, k3, v3 = q.flatten(0, -3), k.flatten(0, -3), v.flatten(0, -3)
         bilinear = q2 is not None
-        q23 = q2.reshape(-1, tq, d) if bilinear else None
-        k23 = k2.reshape(-1, tk, d) if bilinear else None
+        q23 = q2.flatten(0, -3) if bilinear else None
+        k23 = k2.flatten(0, -3) if bilinear else None
         z = q3.new_empty(q3.shape[0], tq, dv)
         blocks = _row_blocks(tq, tk, BLOCK_ROWS.get(q.dtype, 64))
         saved = []
@@ -450,7 +452,9 @@ def _chunked(q, k, v, scale, q2, k2, chunk_size: int, state: Tensor | None = Non
     if state is not None:
         state = state.transpose(-1, -2).to(acc)  # internal layout (B, H, D, F)
     if tq == 0:
-        return q.new_zeros(b, h, 0, v.shape[-1]), None if state is None else state.transpose(-1, -2)
+        # no query: an empty output, still connected to the inputs (their gradients are zeros)
+        z = q.new_zeros(b, h, 0, v.shape[-1]) + 0 * (q.sum() + k.sum() + v.sum())
+        return z, None if state is None else state.transpose(-1, -2)
     # keys before the first chunk holding a query: state only
     pre = (prefix // c) * c
     for g0 in range(0, pre, c * group):
