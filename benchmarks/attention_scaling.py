@@ -72,19 +72,9 @@ def make_inputs(batch, heads, t, d, dtype, bf16_mode, bilinear, seed=0):
     return xs
 
 
-def textbook_plain(q, k, v, scale, q2=None, k2=None):
-    """The plain form as autograd ops over the full (T, T) square (what qtoy ran before its blocked
-    kernel, and what a reader would write): the baseline of the issue's ">= 2x at T = 4096"."""
-    t = q.shape[-2]
-    scores = (q * scale) @ k.transpose(-1, -2)
-    pattern = scores.square() if q2 is None else scores * ((q2 * scale) @ k2.transpose(-1, -2))
-    future = torch.ones(t, t, dtype=torch.bool, device=q.device).triu_(1)
-    return pattern.masked_fill(future, 0.0) @ v
-
-
 def attend(impl, q, k, v, scale, q2, k2, chunk_size):
-    if impl == "plain-autograd":
-        return textbook_plain(q, k, v, scale, q2, k2)
+    if impl == "plain-autograd":  # the plain form as autograd ops over the full square
+        return qa.quadratic_attention(q, k, v, scale=scale, q2=q2, k2=k2, impl="autograd")
     if impl.startswith("chunked-"):  # state-carry variants of the chunked form
         carry = impl.split("-", 1)[1]
         return qa._chunked(q, k, v, scale, q2, k2, chunk_size or qa.DEFAULT_CHUNK_SIZE, carry=carry)[0]

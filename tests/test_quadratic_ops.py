@@ -321,6 +321,55 @@ def test_plain_blocked_gradients_in_low_precision_close_to_float64(dtype, tol):
             assert ((g_low.double() - g_ref).norm() / g_ref.norm()).item() < tol
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch.func's batching of unfold_backward
+@pytest.mark.parametrize("impl", ["plain", "chunked"])
+@pytest.mark.parametrize("bilinear", [False, True])
+def test_higher_order_gradients_and_torch_func(impl, bilinear):
+    """create_graph=True (e.g. Hessian-vector products) and torch.func transforms work through the
+    fast kernels: the first by taking differentiable gradients, the second by switching to tensor ops."""
+    q, k, v, q2, k2 = qkv(b=1, h=1, tq=5, tk=7, d=3, bilinear=bilinear, seed=44)
+    inputs = tuple(x.requires_grad_() for x in (q, k, v, q2, k2) if x is not None)
+
+    def f(*xs):
+        q2_, k2_ = (xs[3], xs[4]) if bilinear else (None, None)
+        return quadratic_attention(xs[0], xs[1], xs[2], scale=0.6, q2=q2_, k2=k2_, impl=impl, chunk_size=2)
+
+    assert torch.autograd.gradgradcheck(f, inputs)
+    jac = torch.func.jacrev(lambda x: f(x, *inputs[1:]))(inputs[0])
+    reference = torch.func.jacrev(lambda x: quadratic_attention(
+        x, inputs[1], inputs[2], scale=0.6, q2=inputs[3] if bilinear else None, k2=inputs[4] if bilinear else None,
+        impl="autograd"))(inputs[0])
+    torch.testing.assert_close(jac, reference)
+
+
+@pytest.mark.parametrize("impl", ["plain", "chunked"])
+def test_output_can_be_edited_in_place(impl):
+    """Hooks ablate heads by writing into z: the output must not be a view the kernel owns."""
+    q, k, v, _, _ = qkv(b=2, h=2, tq=6, d=3, seed=49)
+    grads = []
+    for edit in ("in place", "out of place"):
+        xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        z = quadratic_attention(*xs, scale=0.5, impl=impl, chunk_size=8)
+        if edit == "in place":
+            z[:, 0] = 0.0
+        else:
+            z = z * torch.tensor([0.0, 1.0], dtype=z.dtype)[None, :, None, None]
+        (z * rand(*z.shape, seed=50)).sum().backward()
+        grads.append([x.grad for x in xs])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+    assert not grads[0][0][:, 0].any() and grads[0][0][:, 1].any()
+
+
+def test_autocast_keeps_float64_and_meta_tensors_work():
+    q, k, v, _, _ = qkv(b=1, h=1, tq=4, d=3, seed=52)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert quadratic_attention(q, k, v, scale=0.5, impl="plain").dtype == F64  # autocast never casts float64
+        assert quadratic_attention(q.float(), k.float(), v.float(), scale=0.5, impl="plain").dtype == torch.bfloat16
+    meta = [torch.empty(2, 3, 5, 4, device="meta") for _ in range(3)]
+    assert quadratic_attention(*meta, scale=0.5, impl="plain").shape == (2, 3, 5, 4)
+
+
 # --------------------------------------------------------------------------------------------
 # causality
 # --------------------------------------------------------------------------------------------

@@ -11,9 +11,10 @@ class QuadraticAttentionConfig(AttentionConfig):
 
     name: Literal["quadratic"] = "quadratic"
     bias: bool = False
-    # plain: materialise the (T, T) pattern; chunked: the linear-time form; auto: whichever is
-    # faster for the sequence length (measured crossover, see qtoy_core.ops.quadratic).
-    impl: Literal["auto", "plain", "chunked"] = "auto"
+    # plain: materialise the (T, T) pattern (blocked kernel); chunked: the linear-time form; auto:
+    # whichever is faster for the sequence length (measured crossover, see qtoy_core.ops.quadratic);
+    # autograd: the plain form as plain tensor ops (slower; for experiments on the kernel itself)
+    impl: Literal["auto", "plain", "chunked", "autograd"] = "auto"
 
     @property
     def is_polynomial(self) -> bool:
@@ -25,7 +26,7 @@ class BilinearAttentionConfig(AttentionConfig):
 
     name: Literal["bilinear"] = "bilinear"
     bias: bool = False
-    impl: Literal["auto", "plain", "chunked"] = "auto"
+    impl: Literal["auto", "plain", "chunked", "autograd"] = "auto"
 
     @property
     def is_polynomial(self) -> bool:

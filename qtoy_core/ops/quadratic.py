@@ -161,12 +161,15 @@ class _SymmetricFeatures(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # (in-place and out= kernels: no double backward)
     def backward(ctx, g: Tensor) -> Tensor:  # type: ignore[override]
         # phi[0, i] = x_i^2, phi[s, i] = sqrt2 x_i x_{(i+s) % d} (s = 1..m), last half row (even d)
         # phi[h, i] = sqrt2 x_i x_{i+h} (i < h). d/dx_i collects g[s, i] x_{i+s} (i is the first
         # factor, "aligned") and g[s, i-s] x_{i-s} (i is the second factor, "skewed").
         (x,) = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph=True: differentiable ops (the kernels below work in place)
+            with torch.enable_grad():
+                return torch.autograd.grad(_symmetric_features_functional(x), x, g, create_graph=True)[0]
         d = x.shape[-1]
         h, m, even = _sym_layout(d)
         xs = x * _SQRT2
@@ -198,9 +201,9 @@ def symmetric_features(x: Tensor) -> Tensor:
     products ``x_i x_j`` over unordered pairs, with ``sqrt(2)`` on the off-diagonal ones. The feature
     order is given by :func:`symmetric_feature_pairs`. Differentiable (hand-written backward).
     """
-    if torch.compiler.is_compiling():
-        # out= into strided views graph-breaks dynamo: a functional version instead, whose backward
-        # autograd derives and the compiler fuses
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        # out= into strided views graph-breaks dynamo, and torch.func transforms tensor ops: a
+        # functional version instead, whose backward autograd derives (and the compiler fuses)
         return _symmetric_features_functional(x)
     return _SymmetricFeatures.apply(x)
 
@@ -234,15 +237,43 @@ def _features(x: Tensor, x2: Tensor | None) -> Tensor:
 
 
 def _plain(q, k, v, scale, q2, k2) -> Tensor:
+    if torch._C._are_functorch_transforms_active():
+        # torch.func (grad, vmap, jacrev, ...) transforms tensor ops, not a hand-written backward
+        return _plain_autograd(q, k, v, scale, q2, k2)
     device = q.device.type
-    if torch.is_autocast_enabled(device):
+    if _autocast_enabled(device):
         # autocast's rule for matmuls (run them in its lower precision), applied to the kernel's
         # inputs once; inside, the kernel keeps its own dtypes
         low = torch.get_autocast_dtype(device)
-        q, k, v, q2, k2 = (None if x is None else x.to(low) for x in (q, k, v, q2, k2))
+        q, k, v, q2, k2 = (_autocast_cast(x, low) for x in (q, k, v, q2, k2))
         with torch.autocast(device, enabled=False):
             return _CausalBlocked.apply(q, k, v, q2, k2, scale)
     return _CausalBlocked.apply(q, k, v, q2, k2, scale)
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (e.g. "meta")
+        return False
+
+
+def _autocast_cast(x: Tensor | None, low: torch.dtype) -> Tensor | None:
+    """What autocast does to a matmul input: floating tensors other than float64 go to ``low``."""
+    if x is None or not x.is_floating_point() or x.dtype == torch.float64:
+        return x
+    return x.to(low)
+
+
+def _plain_autograd(q, k, v, scale, q2, k2) -> Tensor:
+    """The plain form as differentiable tensor ops over the full (Tq, Tk) square: slower than the
+    blocked kernel, but its gradients are differentiable again (``create_graph=True``) and
+    torch.func can transform it. ``impl="autograd"``."""
+    tq, tk = q.shape[-2], k.shape[-2]
+    scores = (q @ k.transpose(-1, -2)) * scale
+    pattern = scores.square() if q2 is None else scores * ((q2 @ k2.transpose(-1, -2)) * scale)
+    future = torch.ones(tq, tk, dtype=torch.bool, device=q.device).triu_(tk - tq + 1)
+    return pattern.masked_fill(future, 0.0) @ v
 
 
 #: Query rows per block of the plain form (see :class:`_CausalBlocked`), by input dtype: the fastest,
@@ -280,28 +311,39 @@ class _CausalBlocked(torch.autograd.Function):
         bilinear = q2 is not None
         q23 = q2.flatten(0, -3) if bilinear else None
         k23 = k2.flatten(0, -3) if bilinear else None
-        z = q3.new_empty(q3.shape[0], tq, dv)
+        # z is returned whole (not a view of the kernel's buffer), so hooks may edit it in place
+        z = q.new_empty(*q.shape[:-1], dv)
+        z3 = z.flatten(0, -3)
         blocks = _row_blocks(tq, tk, BLOCK_ROWS.get(q.dtype, 64))
+        keep = any(ctx.needs_input_grad[:5])  # without a backward, each block is freed at once
         saved = []
         for a, b, e in blocks:
             s1 = _masked_scores(q3[:, a:b], k3[:, :e], scale, e - (b - a))
             if bilinear:
                 s2 = _masked_scores(q23[:, a:b], k23[:, :e], scale, e - (b - a))
                 p = s1 * s2
-                saved += [s1, s2, p]
+                blk = [s1, s2, p]
             else:
                 p = s1.square()
-                saved += [s1, p]
-            z[:, a:b].baddbmm_(p, v3[:, :e], beta=0)
-        ctx.save_for_backward(q3, k3, v3, q23, k23, *saved)
-        ctx.scale, ctx.blocks, ctx.shapes = scale, blocks, (q.shape, k.shape, v.shape)
-        return z.view(*q.shape[:-1], dv)
+                blk = [s1, p]
+            z3[:, a:b].baddbmm_(p, v3[:, :e], beta=0)
+            if keep:
+                saved += blk
+        ctx.save_for_backward(q, k, v, q2, k2, *saved)
+        ctx.scale, ctx.blocks = scale, blocks
+        return z
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # (in-place kernels: no double backward)
     def backward(ctx, dz):  # type: ignore[override]
-        q3, k3, v3, q23, k23, *saved = ctx.saved_tensors
-        bilinear = q23 is not None
+        q, k, v, q2, k2, *saved = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph=True: the gradients must be differentiable again, so they are taken
+            # through the autograd form on the saved inputs instead of the in-place kernels below
+            return (*_differentiable_grads((q, k, v, q2, k2), ctx.needs_input_grad[:5], dz, ctx.scale), None)
+        q3, k3, v3 = q.flatten(0, -3), k.flatten(0, -3), v.flatten(0, -3)
+        bilinear = q2 is not None
+        q23 = q2.flatten(0, -3) if bilinear else None
+        k23 = k2.flatten(0, -3) if bilinear else None
         dz3 = dz.reshape(q3.shape[0], q3.shape[1], v3.shape[-1])
         acc = _acc_dtype(q3.dtype)
         dq, dk, dv = torch.empty_like(q3), torch.zeros_like(k3, dtype=acc), torch.zeros_like(v3, dtype=acc)
@@ -325,10 +367,19 @@ class _CausalBlocked(torch.autograd.Function):
             else:
                 dp.mul_(s1)  # d s^2 = 2 s ds: the 2 goes into the matmul's alpha
                 _write_grads(dq, dk, a, b, e, dp, q3, k3, 2.0 * ctx.scale)
-        qs, ks, vs = ctx.shapes
-        out = [dq.view(qs), dk.to(k3.dtype).view(ks), dv.to(v3.dtype).view(vs)]
-        out += [dq2.view(qs), dk2.to(k3.dtype).view(ks)] if bilinear else [None, None]
+        out = [dq.view(q.shape), dk.to(k.dtype).view(k.shape), dv.to(v.dtype).view(v.shape)]
+        out += [dq2.view(q.shape), dk2.to(k.dtype).view(k.shape)] if bilinear else [None, None]
         return (*out, None)
+
+
+def _differentiable_grads(inputs, needs_grad, dz, scale) -> list[Tensor | None]:
+    """Gradients of the plain form's inputs for ``dz``, built from differentiable ops (for
+    ``create_graph=True``); None for inputs that need none."""
+    wanted = [x for x, need in zip(inputs, needs_grad) if x is not None and need]
+    with torch.enable_grad():
+        z = _plain_autograd(inputs[0], inputs[1], inputs[2], scale, inputs[3], inputs[4])
+        grads = iter(torch.autograd.grad(z, wanted, dz, create_graph=True, allow_unused=True))
+    return [next(grads) if x is not None and need else None for x, need in zip(inputs, needs_grad)]
 
 
 def _masked_scores(q: Tensor, k: Tensor, scale: float, diagonal: int) -> Tensor:
@@ -453,7 +504,7 @@ def _chunked(q, k, v, scale, q2, k2, chunk_size: int, state: Tensor | None = Non
         state = state.transpose(-1, -2).to(acc)  # internal layout (B, H, D, F)
     if tq == 0:
         # no query: an empty output, still connected to the inputs (their gradients are zeros)
-        z = q.new_zeros(b, h, 0, v.shape[-1]) + 0 * (q.sum() + k.sum() + v.sum())
+        z = q.new_zeros(b, h, 0, v.shape[-1]) + 0 * sum(x.sum() for x in (q, k, v, q2, k2) if x is not None)
         return z, None if state is None else state.transpose(-1, -2)
     # keys before the first chunk holding a query: state only
     pre = (prefix // c) * c
@@ -568,10 +619,13 @@ def quadratic_attention(
         q2, k2: second query/key pair (same shapes as q/k): bilinear pattern
             ``((q.k)*scale) * ((q2.k2)*scale)``.
         key_mask: optional (B, Tk) bool or 0/1; False/0 marks a padding key that contributes nothing.
-        impl: ``"plain"`` (materialise the pattern), ``"chunked"`` (linear time), or ``"auto"``:
-            chunked once the effective length ``2*Tq*Tk/(Tq+Tk)`` (T for self-attention) reaches the
-            crossover measured for this feature dimension (:data:`CHUNKED_FROM_T`), plain otherwise
-            and whenever F > :data:`MAX_CHUNKED_FEATURES`.
+        impl: ``"plain"`` (materialise the pattern, blocked kernel), ``"chunked"`` (linear time), or
+            ``"auto"``: chunked once the effective length ``2*Tq*Tk/(Tq+Tk)`` (T for self-attention)
+            reaches the crossover measured for this feature dimension (:data:`CHUNKED_FROM_T`), plain
+            otherwise and whenever F > :data:`MAX_CHUNKED_FEATURES`. ``"autograd"``: the plain form
+            as tensor ops over the full square, slower. All forms support ``create_graph=True``
+            (higher-order gradients go through the autograd form) and torch.func transforms (which
+            switch ``plain`` to the autograd form by themselves).
         chunk_size: chunk length of the chunked form (default :data:`DEFAULT_CHUNK_SIZE`).
 
     Returns:
@@ -584,13 +638,15 @@ def quadratic_attention(
         impl = "chunked" if _use_chunked(tq, tk, d, q2 is not None) else "plain"
     if impl == "plain":
         return _plain(q, k, v, scale, q2, k2)
+    if impl == "autograd":
+        return _plain_autograd(q, k, v, scale, q2, k2)
     if impl == "chunked":
         c = DEFAULT_CHUNK_SIZE if chunk_size is None else int(chunk_size)
         if c < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         z, _ = _chunked(q, k, v, scale, q2, k2, c)
         return z
-    raise ValueError(f"impl must be 'auto', 'plain' or 'chunked', got {impl!r}")
+    raise ValueError(f"impl must be 'auto', 'plain', 'chunked' or 'autograd', got {impl!r}")
 
 
 # ---------------------------------------------------------------------------------------------
