@@ -35,6 +35,16 @@ def use_fused_adamw(setting: bool | None, params: Iterable[torch.Tensor]) -> boo
     return bool(params) and all(p.is_floating_point() and p.device.type in FUSED_ADAMW_DEVICES for p in params)
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
+    """``optimizer.load_state_dict(state_dict)``, keeping the implementation switches (``fused``,
+    ``foreach``) the optimizer was built with: torch restores them from the checkpoint's groups, so
+    a run saved unfused would resume unfused, and a fused checkpoint would override ``fused: false``."""
+    switches = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state_dict)
+    for group, kept in zip(optimizer.param_groups, switches):
+        group.update(kept)
+
+
 def unique_named_parameters(named: Iterable[tuple[str, nn.Parameter]]) -> list[tuple[str, nn.Parameter]]:
     """Trainable parameters, each once (tied weights appear under their first name)."""
     seen, out = set(), []

@@ -3,6 +3,7 @@
 import torch
 
 from qtoy_core import build_model, build_optimizer, is_hidden_matrix
+from qtoy_core.optim import load_optimizer_state
 
 
 def test_orthogonalisation_puts_singular_values_in_a_narrow_band():
@@ -77,3 +78,24 @@ def test_adamw_is_fused_on_cpu_by_default_and_matches_the_unfused_update():
     muon = build_optimizer(base, "muon")
     assert muon.adamw.defaults["fused"] is True
     assert build_optimizer(base, {"name": "muon", "fused": False}).adamw.defaults["fused"] is False
+
+
+def test_resuming_keeps_the_fused_switch_the_optimizer_was_built_with():
+    """torch's load_state_dict would copy `fused` from the checkpoint's groups: a run saved unfused
+    would resume unfused, and a fused checkpoint would override `fused: false`."""
+    model = build_model("transformer_1L", d_model=32, n_head=2, vocab_size=64)
+    for saved_cfg, resumed_cfg, fused in (({"name": "adam", "fused": False}, "adam", True),
+                                         ("adam", {"name": "adam", "fused": False}, False),
+                                         ({"name": "muon", "fused": False}, "muon", True)):
+        saved = _adam_steps(model, saved_cfg, steps=1)
+        resumed = build_optimizer(model, resumed_cfg)
+        load_optimizer_state(resumed, saved.state_dict())
+        assert all(bool(g["fused"]) is fused for g in resumed.param_groups if "fused" in g)
+        assert any("fused" in g for g in resumed.param_groups)
+        key = next(iter(saved.state)) if not hasattr(saved, "adamw") else next(iter(saved.adamw.state))
+        state = resumed.state if not hasattr(resumed, "adamw") else resumed.adamw.state
+        torch.testing.assert_close(state[key]["exp_avg"], (saved.state if not hasattr(saved, "adamw")
+                                                            else saved.adamw.state)[key]["exp_avg"])
+        model.zero_grad()
+        model.loss(torch.randint(0, 64, (2, 9))).backward()
+        resumed.step()  # and it still steps

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from qtoy_registry import QtoyError
 
 from ..model import ToyTransformer, cross_entropy
-from ..optim import build_optimizer
+from ..optim import build_optimizer, load_optimizer_state
 from ..registry_access import build_component
 from .config import RunConfig
 from .precision import resolve_device, resolve_precision
@@ -182,7 +182,7 @@ class Trainer:
         load_weights(self.model, folder / "model.safetensors")
         state = self.run.load_state(folder)
         configured = [g["initial_lr"] for g in self.optimizer.param_groups]
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         # A learning rate given on resume (e.g. lower, after non-finite steps) replaces the saved one.
         for i, (group, lr) in enumerate(zip(self.optimizer.param_groups, configured)):
