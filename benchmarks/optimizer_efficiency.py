@@ -140,9 +140,9 @@ def main(argv=None) -> None:
             if extra >= args.max_extend or len(ordered) < 2:
                 break
             if best_lr == ordered[-1]:
-                todo.append(round(best_lr * 3, 6))
+                todo.append(float(f"{best_lr * 3:.3g}"))
             elif best_lr == ordered[0]:
-                todo.append(round(best_lr / 3, 6))
+                todo.append(float(f"{best_lr / 3:.3g}"))
             extra += len(todo)
         sweep[optimizer] = sorted(tried)
     best = {o: min((r for r in runs if r["optimizer"] == o), key=lambda r: r["final_val_loss"]) for o in sweep}
