@@ -42,6 +42,8 @@ import math
 import torch
 from torch import Tensor
 
+from .masks import causal_pattern
+
 __all__ = [
     "CHUNKED_FROM_T",
     "DEFAULT_CHUNK_SIZE",
@@ -269,11 +271,9 @@ def _plain_autograd(q, k, v, scale, q2, k2) -> Tensor:
     """The plain form as differentiable tensor ops over the full (Tq, Tk) square: slower than the
     blocked kernel, but its gradients are differentiable again (``create_graph=True``) and
     torch.func can transform it. ``impl="autograd"``."""
-    tq, tk = q.shape[-2], k.shape[-2]
     scores = (q @ k.transpose(-1, -2)) * scale
     pattern = scores.square() if q2 is None else scores * ((q2 @ k2.transpose(-1, -2)) * scale)
-    future = torch.ones(tq, tk, dtype=torch.bool, device=q.device).triu_(tk - tq + 1)
-    return pattern.masked_fill(future, 0.0) @ v
+    return causal_pattern(pattern) @ v
 
 
 #: Query rows per block of the plain form (see :class:`_CausalBlocked`), by input dtype: the fastest,
@@ -304,7 +304,7 @@ class _CausalBlocked(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, q2, k2, scale):  # type: ignore[override]
-        tq, tk, d, dv = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
+        tq, tk, dv = q.shape[-2], k.shape[-2], v.shape[-1]
         # leading dims (batch, heads[, chunks]) -> one batch dim; flatten (not reshape(-1, ...)) so
         # that an empty batch works too
         q3, k3, v3 = q.flatten(0, -3), k.flatten(0, -3), v.flatten(0, -3)
