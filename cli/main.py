@@ -49,6 +49,11 @@ def cli() -> None:
     Components (attention, MLP, positional encoding, norm, optimizer, dataset, callback) come from
     plugins; `qtoy list` shows them and `qtoy plugins` shows which packages provide them.
     """
+    # runs before any subcommand (not for --help): keep freed host memory for reuse, so eager steps do
+    # not fault in and zero their large tensors again every step (QTOY_MALLOC=system to opt out)
+    from qtoy_core.host_memory import apply_from_environment
+
+    apply_from_environment()
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

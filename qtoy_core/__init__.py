@@ -87,6 +87,8 @@ _LAZY = {
     "NotPolynomialError": ".analysis.tensor_network",
     "to_tensor_network": ".analysis.tensor_network",
     "contract_logits": ".analysis.tensor_network",
+    # the host process: keep freed memory for reuse, as the qtoy command does (no torch)
+    "keep_freed_memory": ".host_memory",
 }
 
 # The public API: what plugin packages may import (tests/test_public_api.py keeps a snapshot of it).

@@ -1,0 +1,78 @@
+"""Host memory: the qtoy command keeps freed memory for reuse, so eager steps stop faulting in pages.
+
+Page faults are counted (getrusage), not timed: the count is deterministic where a time is not.
+Each check runs in a fresh interpreter, since the setting is process-wide and one-way.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from qtoy_core.host_memory import _glibc
+
+needs_glibc = pytest.mark.skipif(_glibc() is None, reason="mallopt is glibc's (Linux); elsewhere it is a no-op")
+
+# allocate and free a 64 MiB tensor (above glibc's largest automatic mmap threshold, like the logits
+# of a training step), writing every page: three times to settle the heap, then eight times counting the
+# page faults
+FAULTS = """
+import json, resource, sys, torch
+{setup}
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def step():
+    torch.empty(16 * 2**20).fill_(1.0)
+for _ in range(3):
+    step()
+before = faults()
+for _ in range(8):
+    step()
+print(json.dumps({{"faults": faults() - before, "tuned": tuned}}))
+"""
+
+
+def _faults(setup: str, env=None) -> dict:
+    out = subprocess.run([sys.executable, "-c", FAULTS.format(setup=setup)], capture_output=True, text=True,
+                         check=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@needs_glibc
+def test_keep_freed_memory_stops_page_faults_of_repeated_large_tensors():
+    plain = _faults("tuned = False")
+    kept = _faults("from qtoy_core.host_memory import keep_freed_memory; tuned = keep_freed_memory()")
+    pages = 8 * 64 * 2**20 // 4096  # what mmap + munmap every time costs: every page faulted again
+    assert plain["faults"] > pages // 2, plain
+    assert kept["tuned"] is True
+    assert kept["faults"] < pages // 50, kept
+
+
+def _qtoy_then_report(args, env_extra=None):
+    code = ("import sys; from qtoy_cli.main import main; main(sys.argv[1:]); "
+            "from qtoy_core.host_memory import malloc_is_tuned; print('TUNED', malloc_is_tuned())")
+    env = {k: v for k, v in os.environ.items() if k != "QTOY_MALLOC"}
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True, env=env)
+
+
+@needs_glibc
+def test_the_qtoy_command_turns_it_on_and_QTOY_MALLOC_system_leaves_malloc_alone():
+    assert "TUNED True" in _qtoy_then_report(["list", "attention"]).stdout
+    assert "TUNED False" in _qtoy_then_report(["list", "attention"], {"QTOY_MALLOC": "system"}).stdout
+
+
+@needs_glibc
+def test_an_unknown_QTOY_MALLOC_value_warns_and_keeps_the_default():
+    out = _qtoy_then_report(["list", "attention"], {"QTOY_MALLOC": "jemalloc"})
+    assert "TUNED True" in out.stdout
+    assert "QTOY_MALLOC='jemalloc'" in out.stderr and "system" in out.stderr
+
+
+def test_help_does_not_touch_malloc():
+    # `qtoy --help` runs no subcommand: nothing to tune, and qtoy_core stays unimported (fast help)
+    code = "import sys; from qtoy_cli.main import main; main(['--help']); print('CORE', 'qtoy_core' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "CORE False" in out.stdout
