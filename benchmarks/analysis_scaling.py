@@ -113,7 +113,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="vocab 8192, d_model 256, 4 heads")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    machine.add_malloc_option(p)
     args = p.parse_args(argv)
+    malloc_kept = machine.apply_malloc(args.malloc)
     if args.quick:
         args.vocab, args.d_model, args.n_head = 8192, 256, 4
     if args.threads:
@@ -168,7 +170,7 @@ def main(argv=None) -> int:
         "config": {"vocab": args.vocab, "d_model": args.d_model, "n_head": args.n_head,
                    "d_head": args.d_model // args.n_head, "top_k": args.top_k, "max_tokens": max_tokens,
                    "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": machine.describe(),
-                   "cpus": os.cpu_count(), "load_avg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
+                   "cpus": os.cpu_count(), "malloc": args.malloc, "malloc_keeps_freed": malloc_kept, "load_avg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
         "phases": phases,
         "total_s": round(total_s, 2),
         "peak_delta_mb": peak_mb,

@@ -180,7 +180,7 @@ def print_block_table(result, meta) -> None:
     print(f"plain quadratic attention by query rows per block vs softmax SDPA (causal), forward+backward, "
           f"{meta['heads']} heads, {meta['threads']} threads, median {meta['timer']} time of {meta['repeats']}, "
           f"load avg {meta['loadavg_1min_before_after'][0]:.1f}->{meta['loadavg_1min_before_after'][1]:.1f}")
-    print(f"machine: {machine.one_line(meta['machine'])}")
+    print(f"machine: {machine.one_line(meta['machine'])}; malloc: {meta['malloc']}")
     for r in result["rows"]:
         cells = "  ".join(f"{n} {v * 1e3:7.1f}" for n, v in r["seconds"].items())
         print(f"  {r['dtype']} d_head {r['d_head']:3d} T {r['T']:5d} batch {r['batch']:3d} (ms): {cells}  | best "
@@ -245,7 +245,9 @@ def main(argv=None) -> int:
     p.add_argument("--blocks", action="store_true",
                    help="instead: the plain form with each number of query rows per block, and softmax SDPA "
                         "(default T 256 512 1024, batch * T = 4096)")
+    machine.add_malloc_option(p)
     args = p.parse_args(argv)
+    malloc_kept = machine.apply_malloc(args.malloc)
     args.batch_given = args.batch if "--batch" in (argv if argv is not None else sys.argv) else None
     if args.blocks and "--T" not in (argv if argv is not None else sys.argv):
         args.T = [256, 512, 1024]
@@ -272,7 +274,8 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     if args.blocks:
         result = block_sweep(args, timer)
-        meta = {"machine": machine.describe(), "torch": torch.__version__, "threads": torch.get_num_threads(), "heads": args.heads,
+        meta = {"machine": machine.describe(), "malloc": args.malloc, "malloc_keeps_freed": malloc_kept,
+                "torch": torch.__version__, "threads": torch.get_num_threads(), "heads": args.heads,
                 "repeats": args.repeats, "timer": args.timer, "cpu_count": os.cpu_count(),
                 "loadavg_1min_before_after": [load_before, os.getloadavg()[0] if hasattr(os, "getloadavg") else None],
                 "BLOCK_ROWS": {str(k).removeprefix("torch."): v for k, v in qa.BLOCK_ROWS.items()},
@@ -337,6 +340,8 @@ def main(argv=None) -> int:
 
     meta = {
         "machine": machine.describe(),
+        "malloc": args.malloc,
+        "malloc_keeps_freed": malloc_kept,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "batch": args.batch,
@@ -407,12 +412,12 @@ def print_table(results, meta, impls) -> None:
             table.add_row(*line)
         console = Console(width=None if sys.stdout.isatty() else 200)  # (piped: no 80-column wrap)
         console.print(table)
-        console.print(f"machine: {machine.one_line(meta['machine'])}")
+        console.print(f"machine: {machine.one_line(meta['machine'])}; malloc: {meta['malloc']}")
         for c in cross:
             console.print(c)
     except ImportError:  # plain-text fallback
         print(title)
-        print(f"machine: {machine.one_line(meta['machine'])}")
+        print(f"machine: {machine.one_line(meta['machine'])}; malloc: {meta['malloc']}")
         widths = [max(len(h), *(len(l[i]) for l in body)) for i, h in enumerate(header)]
         print("  ".join(h.rjust(w) for h, w in zip(header, widths)))
         for line in body:

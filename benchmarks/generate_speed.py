@@ -83,7 +83,9 @@ def main(argv=None) -> None:
     p.add_argument("--new-tokens", type=int, default=None)
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    machine.add_malloc_option(p)
     args = p.parse_args(argv)
+    malloc_kept = machine.apply_malloc(args.malloc)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -96,7 +98,8 @@ def main(argv=None) -> None:
     repeats = args.repeats or (3 if args.quick else 5)
     model = build(args.model_type, args.d_model, args.n_head)
     cfg = model.config
-    meta = {"machine": machine.describe(), "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+    meta = {"machine": machine.describe(), "malloc": args.malloc, "malloc_keeps_freed": malloc_kept,
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
             "loadavg_start": [round(x, 2) for x in os.getloadavg()], "model_type": cfg.model_type,
             "d_model": cfg.d_model, "n_head": cfg.n_head, "d_head": cfg.d_head, "vocab_size": cfg.vocab_size,
             "positional": cfg.positional.name, "new_tokens": n_new, "repeats": repeats, "batch": 1,
@@ -146,7 +149,7 @@ def main(argv=None) -> None:
         return
     print(f"generation per token ({cfg.model_type}, d_model {cfg.d_model}, {cfg.n_head} heads, d_head {cfg.d_head}, "
           f"RoPE, batch 1, greedy; median of {repeats}; load avg {meta['loadavg_start'][0]} -> {meta['loadavg_end'][0]})")
-    print(f"machine: {machine.one_line(meta['machine'])}")
+    print(f"machine: {machine.one_line(meta['machine'])}; malloc: {meta['malloc']}")
     print(f"{'prefix':>7} | {'none ms':>9} | {'kv ms':>7} {'kv MB':>7} | {'recur ms':>8} {'recur MB':>8} | "
           f"{'x vs none':>9} {'x vs kv':>7} | {'|dlogit| kv':>11} {'recurrent':>9}")
     for r in rows:

@@ -2,7 +2,7 @@
 
 Figures from different CPUs are not comparable: with AMX (Intel Sapphire Rapids and later) bf16
 matmuls run several times faster than fp32; with AVX-512 BF16 but no AMX (e.g. AMD Zen 4) about 2x.
-Every benchmark records this next to its figures.
+Every benchmark records this next to its figures, and how host memory was allocated (``--malloc``).
 """
 
 from __future__ import annotations
@@ -34,6 +34,32 @@ def describe() -> dict:
     units = ("AMX" if isa["amx_bf16"] else "AVX-512 BF16" if isa["avx512_bf16"]
              else "none (bf16 emulated)" if flags else "unknown")
     return {"cpu": model, "cpus": os.cpu_count(), "isa": isa, "bf16_matmul_units": units}
+
+
+MALLOC_CHOICES = ("qtoy", "system")
+
+
+def add_malloc_option(parser) -> None:
+    parser.add_argument("--malloc", choices=MALLOC_CHOICES, default="qtoy",
+                        help="qtoy (default): keep freed host memory for reuse, as the `qtoy` command does "
+                             "(qtoy_core.host_memory); system: glibc's defaults, as a plain script runs. "
+                             "Applies to every variant of the run (one process)")
+
+
+def apply_malloc(choice: str) -> bool:
+    """Set up host memory as ``--malloc`` says; returns whether freed memory is kept (glibc only)."""
+    if choice == "system":
+        return False
+    from qtoy_core.host_memory import keep_freed_memory
+
+    return keep_freed_memory()
+
+
+def page_faults() -> int:
+    """Minor page faults of this process so far: pages the kernel had to map (and zero) on first touch."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def one_line(info: dict | None = None) -> str:

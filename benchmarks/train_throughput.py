@@ -21,6 +21,12 @@ this script measures first. ``default`` is what ``qtoy train`` does by itself fo
     python benchmarks/train_throughput.py             # full (~10 min on 2 cores, compiles included)
     python benchmarks/train_throughput.py --quick     # < 1 minute: 2 model types, eager only
     python benchmarks/train_throughput.py --json      # one JSON object on stdout (ratios included)
+    python benchmarks/train_throughput.py --malloc system  # glibc's malloc defaults, as a plain script
+
+Host memory: by default the whole run keeps freed memory for reuse, as the ``qtoy`` command does
+(qtoy_core.host_memory), so the reference gets it too and the comparison is of the steps alone.
+With ``--malloc system`` every eager step faults in fresh pages for its large tensors, as in a plain
+script; the ``faults/step`` column counts them.
 """
 
 from __future__ import annotations
@@ -298,12 +304,15 @@ def bench_model(model_type, shape_name, variants, *, repeats, steps, warmup, pea
         with torch.no_grad():
             check["ref_vs_qtoy_max_abs_logit_diff"] = float((q(toks) - r2(toks)).abs().max())
     times: dict[str, list[float]] = {k: [] for k in built}
+    faults = {k: 0 for k in built}
     for _ in range(repeats):
         for key, v in built.items():
+            f0 = machine.page_faults()
             t0 = time.perf_counter()
             for _ in range(steps):
                 v.step()
             times[key].append((time.perf_counter() - t0) / steps)
+            faults[key] += machine.page_faults() - f0
     fpt = flops_per_token(model_type, shape)
     rows = {}
     for key, ts in times.items():
@@ -312,7 +321,9 @@ def bench_model(model_type, shape_name, variants, *, repeats, steps, warmup, pea
         rows[key] = {"step_s": round(s, 4), "tokens_per_s": round(tps), "gflops": round(tps * fpt / 1e9, 1),
                      "mfu_fp32_peak": round(tps * fpt / 1e9 / peaks["fp32"], 3),
                      "mfu_bf16_peak": round(tps * fpt / 1e9 / peaks["bf16"], 3),
-                     "spread": round((max(ts) - min(ts)) / s, 2)}
+                     "spread": round((max(ts) - min(ts)) / s, 2),
+                     # pages faulted in (and zeroed by the kernel) per step: fresh memory for its tensors
+                     "page_faults_per_step": round(faults[key] / (repeats * steps))}
     out = {"model_type": model_type, "shape": shape_name, **shape, "flops_per_token": fpt, "variants": rows, **check}
     # what `qtoy train` does by itself for a default-length run
     from qtoy_core.training.precision import cpu_supports_fast_bf16
@@ -366,7 +377,9 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=None, help="steps per timed repeat")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="run every variant (and the matmul peak) on this device")
+    machine.add_malloc_option(p)
     args = p.parse_args(argv)
+    malloc_kept = machine.apply_malloc(args.malloc)
     global DEVICE
     DEVICE = torch.device(args.device)
     if DEVICE.type == "cuda" and not torch.cuda.is_available():
@@ -381,7 +394,7 @@ def main(argv=None) -> None:
     steps = args.steps or (2 if quick else 3)
     warmup = 1 if quick else 2
 
-    meta = {"machine": machine.describe(), "device": str(DEVICE),
+    meta = {"machine": machine.describe(), "device": str(DEVICE), "malloc": args.malloc, "malloc_keeps_freed": malloc_kept,
             "gpu": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else None, "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
             "loadavg_start": [round(x, 2) for x in os.getloadavg()], "quick": quick, "repeats": repeats,
             "steps_per_repeat": steps}
@@ -428,17 +441,20 @@ def main(argv=None) -> None:
         return
     print(f"training throughput (tokens/s, median of {repeats} x {steps} steps; torch {meta['torch']}, "
           f"{meta['threads']} threads; load avg {meta['loadavg_start'][0]} -> {meta['loadavg_end'][0]})")
-    print(f"machine: {machine.one_line(meta['machine'])}" + (f"; device: {meta['gpu']}" if meta["gpu"] else ""))
+    print(f"machine: {machine.one_line(meta['machine'])}" + (f"; device: {meta['gpu']}" if meta["gpu"] else "")
+          + f"; malloc: {meta['malloc']}" + (" (freed memory kept for reuse)" if meta["malloc_keeps_freed"] else ""))
     print(f"matmul peak (best of start and end): fp32 {peaks['fp32']} GFLOP/s, bf16 {peaks['bf16']} GFLOP/s")
     for r in results:
         print(f"\n{r['model_type']} [{r['shape']}: vocab {r['vocab_size']}, d_model {r['d_model']}, "
               f"{r['n_head']} heads, n_ctx {r['n_ctx']}, batch {r['batch']}]"
               + (f"  ref-vs-qtoy max |dlogit| {r['ref_vs_qtoy_max_abs_logit_diff']:.1e}"
                  if "ref_vs_qtoy_max_abs_logit_diff" in r else ""))
-        print(f"  {'variant':<24}{'tokens/s':>10}{'step s':>9}{'GFLOP/s':>9}{'MFU fp32':>9}{'MFU bf16':>9}{'spread':>8}")
+        print(f"  {'variant':<24}{'tokens/s':>10}{'step s':>9}{'GFLOP/s':>9}{'MFU fp32':>9}{'MFU bf16':>9}{'spread':>8}"
+              f"{'faults/step':>12}")
         for key, row in r["variants"].items():
             print(f"  {key:<24}{row['tokens_per_s']:>10,}{row['step_s']:>9.3f}{row['gflops']:>9.0f}"
-                  f"{row['mfu_fp32_peak']:>9.0%}{row['mfu_bf16_peak']:>9.1%}{row['spread']:>8.2f}")
+                  f"{row['mfu_fp32_peak']:>9.0%}{row['mfu_bf16_peak']:>9.1%}{row['spread']:>8.2f}"
+                  f"{row['page_faults_per_step']:>12,}")
         if "default" in r:
             d = r["default"]
             print(f"  default path (600-step run): {d['variant']}"
