@@ -5,9 +5,9 @@ attention patterns, their gradients). glibc serves every block above its mmap th
 rising to at most 32 MiB) with a fresh ``mmap`` and unmaps it on free, and trims the top of the heap
 whenever more than twice that is free. So each step touches its big tensors on pages the kernel
 has to fault in and zero again. Measured on the development machine (2-core AMD EPYC, torch 2.13):
-the eager fp32 training step of transformer_2L at d_model 256 faulted in ~82,000 pages (~320 MiB)
+the eager fp32 training step of transformer_2L at d_model 256 faulted in ~93,000 pages (~360 MiB)
 per step, and plain attention at T 4096 up to ~55,000 per call; with the setting below, none, and
-those steps ran 15-25% faster (benchmarks/train_throughput.py prints the faults of every variant).
+eager steps ran 15-30% faster (benchmarks/train_throughput.py prints the faults of every variant).
 Compiled steps reuse their buffers and never paid this.
 
 The cost: memory a process has freed stays in it (its resident size stays at its peak) until it
