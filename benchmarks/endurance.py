@@ -32,6 +32,8 @@ import sys
 import tempfile
 import time
 
+import machine  # benchmarks/machine.py: how host memory is allocated (--malloc)
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -173,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--part", choices=("full", "trainer", "data"), default="full",
                         help="full: training on the synthetic stream; trainer: the same training on random "
                              "in-memory batches (no data pipeline); data: the stream alone (no model)")
+    machine.add_malloc_option(parser)
     args = parser.parse_args(argv)
+    malloc_kept = machine.apply_malloc(args.malloc)
     steps = args.steps or (600 if args.quick else 4000)
     every = args.every or max(1, steps // 40)
 
@@ -193,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     half = [s for s in samples if s["step"] >= steps // 2]
     rss_slope = slope([(s["step"] / 1000, s["rss_mib"]) for s in half])
     rest_slope = slope([(s["step"] / 1000, s["rss_mib"] - s["caches_mib"]) for s in half])
+    # with freed memory kept (--malloc qtoy) the raw figure is what the process holds from the OS
+    raw_slope = slope([(s["step"] / 1000, s["rss_raw_mib"]) for s in half])
     result = {
         "part": args.part, "steps": steps, "every": every, "seconds": round(seconds, 1), "tokens": summary["tokens"],
         "final_loss": summary["train_loss"], "samples": samples,
@@ -200,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         "rss_end_mib": samples[-1]["rss_mib"],
         "peak_rss_mib": max(s["peak_mib"] for s in samples),
         "rss_slope_mib_per_1000_steps_second_half": round(rss_slope, 3),
+        "raw_rss_end_mib": samples[-1]["rss_raw_mib"],
+        "raw_rss_slope_mib_per_1000_steps_second_half": round(raw_slope, 3),
+        "malloc": args.malloc, "malloc_keeps_freed": malloc_kept,
         "rss_growth_second_half_mib": round(samples[-1]["rss_mib"] - half[0]["rss_mib"], 2),
         "generator_caches_growth_second_half_mib": round(samples[-1]["caches_mib"] - half[0]["caches_mib"], 2),
         "rss_minus_caches_slope_mib_per_1000_steps_second_half": round(rest_slope, 3),
@@ -228,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
               f"(half-time) -> {result['rss_end_mib']:.1f} MiB, peak {result['peak_rss_mib']:.1f} MiB; slope over the "
               f"second half {rss_slope:+.3f} MiB / 1000 steps ({'flat' if result['flat'] else 'growing'}); "
               f"gc objects {result['gc_objects_growth_second_half']:+d} over the second half")
+        print(f"raw RSS (before malloc_trim; malloc: {args.malloc}) ends at {result['raw_rss_end_mib']:.1f} MiB, "
+              f"slope over the second half {raw_slope:+.3f} MiB / 1000 steps")
         print(f"the synthetic generator's bounded caches grew {result['generator_caches_growth_second_half_mib']:+.2f} "
               f"MiB over the second half; RSS minus those caches: {rest_slope:+.3f} MiB / 1000 steps "
               f"({result['verdict']})")
