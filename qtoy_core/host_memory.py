@@ -24,7 +24,7 @@ from __future__ import annotations
 import ctypes
 import os
 
-__all__ = ["MALLOC_ENV", "keep_freed_memory", "malloc_is_tuned"]
+__all__ = ["MALLOC_ENV", "apply_from_environment", "keep_freed_memory", "malloc_is_tuned"]
 
 #: Environment variable read by the ``qtoy`` command: ``system`` leaves glibc's malloc settings alone.
 MALLOC_ENV = "QTOY_MALLOC"
