@@ -34,8 +34,10 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
 #: Blocks up to this size come from the heap (larger ones are still mapped and unmapped: rare, and
-#: their compute dwarfs the page faults). glibc accepts up to the largest C int for both settings.
+#: their compute dwarfs the page faults). Current glibc accepts any C int here; older releases
+#: capped the setting at 32 MiB on 64-bit systems, so that is tried when this is refused.
 MMAP_THRESHOLD_BYTES = 2**30
+_MMAP_THRESHOLD_OLD_GLIBC_MAX = 32 * 2**20
 #: Free memory at the top of the heap is handed back to the OS only past this much.
 TRIM_THRESHOLD_BYTES = 2**31 - 1
 
@@ -67,7 +69,8 @@ def keep_freed_memory() -> bool:
     libc.mallopt.restype = ctypes.c_int
     # the trim threshold first: once the mmap threshold is fixed, glibc stops adjusting either
     ok = libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1
-    ok = libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1 and ok
+    ok = ok and any(libc.mallopt(_M_MMAP_THRESHOLD, size) == 1
+                    for size in (MMAP_THRESHOLD_BYTES, _MMAP_THRESHOLD_OLD_GLIBC_MAX))
     _tuned = ok
     return ok
 

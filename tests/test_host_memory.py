@@ -76,3 +76,35 @@ def test_help_does_not_touch_malloc():
     code = "import sys; from qtoy_cli.main import main; main(['--help']); print('CORE', 'qtoy_core' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "CORE False" in out.stdout
+
+
+class _FakeGlibc:
+    """mallopt of an older glibc, which refuses an mmap threshold above 32 MiB (64-bit)."""
+
+    def __init__(self):
+        self.calls = []
+        self.mallopt = self  # a callable that takes ctypes' argtypes/restype like the real function
+
+    def __call__(self, param, value):
+        self.calls.append((param, value))
+        return 0 if param == -3 and value > 32 * 2**20 else 1
+
+
+def test_an_older_glibc_that_caps_the_mmap_threshold_gets_the_cap(monkeypatch):
+    from qtoy_core import host_memory
+
+    fake = _FakeGlibc()
+    monkeypatch.setattr(host_memory, "_glibc", lambda: fake)
+    monkeypatch.setattr(host_memory, "_tuned", False)
+    assert host_memory.keep_freed_memory() is True
+    assert fake.calls == [(-1, 2**31 - 1), (-3, 2**30), (-3, 32 * 2**20)]
+    assert host_memory.keep_freed_memory() is True and len(fake.calls) == 3  # once per process
+
+
+def test_without_glibc_it_is_a_no_op(monkeypatch):
+    from qtoy_core import host_memory
+
+    monkeypatch.setattr(host_memory, "_glibc", lambda: None)
+    monkeypatch.setattr(host_memory, "_tuned", False)
+    assert host_memory.keep_freed_memory() is False
+    assert host_memory.malloc_is_tuned() is False
