@@ -170,7 +170,7 @@ def main(argv=None) -> int:
         "config": {"vocab": args.vocab, "d_model": args.d_model, "n_head": args.n_head,
                    "d_head": args.d_model // args.n_head, "top_k": args.top_k, "max_tokens": max_tokens,
                    "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": machine.describe(),
-                   "cpus": os.cpu_count(), "malloc": args.malloc, "malloc_keeps_freed": malloc_kept, "load_avg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
+                   "cpus": os.cpu_count(), "malloc": args.malloc, "malloc_kept_block_bytes": malloc_kept, "load_avg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
         "phases": phases,
         "total_s": round(total_s, 2),
         "peak_delta_mb": peak_mb,

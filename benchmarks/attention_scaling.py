@@ -274,7 +274,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     if args.blocks:
         result = block_sweep(args, timer)
-        meta = {"machine": machine.describe(), "malloc": args.malloc, "malloc_keeps_freed": malloc_kept,
+        meta = {"machine": machine.describe(), "malloc": args.malloc, "malloc_kept_block_bytes": malloc_kept,
                 "torch": torch.__version__, "threads": torch.get_num_threads(), "heads": args.heads,
                 "repeats": args.repeats, "timer": args.timer, "cpu_count": os.cpu_count(),
                 "loadavg_1min_before_after": [load_before, os.getloadavg()[0] if hasattr(os, "getloadavg") else None],
@@ -341,7 +341,7 @@ def main(argv=None) -> int:
     meta = {
         "machine": machine.describe(),
         "malloc": args.malloc,
-        "malloc_keeps_freed": malloc_kept,
+        "malloc_kept_block_bytes": malloc_kept,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "batch": args.batch,

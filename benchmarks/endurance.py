@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         "rss_slope_mib_per_1000_steps_second_half": round(rss_slope, 3),
         "raw_rss_end_mib": samples[-1]["rss_raw_mib"],
         "raw_rss_slope_mib_per_1000_steps_second_half": round(raw_slope, 3),
-        "malloc": args.malloc, "malloc_keeps_freed": malloc_kept,
+        "malloc": args.malloc, "malloc_kept_block_bytes": malloc_kept,
         "rss_growth_second_half_mib": round(samples[-1]["rss_mib"] - half[0]["rss_mib"], 2),
         "generator_caches_growth_second_half_mib": round(samples[-1]["caches_mib"] - half[0]["caches_mib"], 2),
         "rss_minus_caches_slope_mib_per_1000_steps_second_half": round(rest_slope, 3),

@@ -98,7 +98,7 @@ def main(argv=None) -> None:
     repeats = args.repeats or (3 if args.quick else 5)
     model = build(args.model_type, args.d_model, args.n_head)
     cfg = model.config
-    meta = {"machine": machine.describe(), "malloc": args.malloc, "malloc_keeps_freed": malloc_kept,
+    meta = {"machine": machine.describe(), "malloc": args.malloc, "malloc_kept_block_bytes": malloc_kept,
             "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
             "loadavg_start": [round(x, 2) for x in os.getloadavg()], "model_type": cfg.model_type,
             "d_model": cfg.d_model, "n_head": cfg.n_head, "d_head": cfg.d_head, "vocab_size": cfg.vocab_size,

@@ -2,7 +2,8 @@
 
 Figures from different CPUs are not comparable: with AMX (Intel Sapphire Rapids and later) bf16
 matmuls run several times faster than fp32; with AVX-512 BF16 but no AMX (e.g. AMD Zen 4) about 2x.
-Every benchmark records this next to its figures, and how host memory was allocated (``--malloc``).
+Every benchmark records this next to its figures; the timing and memory ones also record how host
+memory was allocated (``--malloc``).
 """
 
 from __future__ import annotations
@@ -46,13 +47,15 @@ def add_malloc_option(parser) -> None:
                              "Applies to every variant of the run (one process)")
 
 
-def apply_malloc(choice: str) -> bool:
-    """Set up host memory as ``--malloc`` says; returns whether freed memory is kept (glibc only)."""
+def apply_malloc(choice: str) -> int:
+    """Set up host memory as ``--malloc`` says. Returns the largest block size now kept for reuse
+    (1 GiB, or 32 MiB on an older glibc), 0 when none is (``system``, or no glibc)."""
     if choice == "system":
-        return False
-    from qtoy_core.host_memory import keep_freed_memory
+        return 0
+    from qtoy_core.host_memory import keep_freed_memory, kept_block_bytes
 
-    return keep_freed_memory()
+    keep_freed_memory()
+    return kept_block_bytes()
 
 
 def page_faults() -> int:

@@ -394,7 +394,7 @@ def main(argv=None) -> None:
     steps = args.steps or (2 if quick else 3)
     warmup = 1 if quick else 2
 
-    meta = {"machine": machine.describe(), "device": str(DEVICE), "malloc": args.malloc, "malloc_keeps_freed": malloc_kept,
+    meta = {"machine": machine.describe(), "device": str(DEVICE), "malloc": args.malloc, "malloc_kept_block_bytes": malloc_kept,
             "gpu": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else None, "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
             "loadavg_start": [round(x, 2) for x in os.getloadavg()], "quick": quick, "repeats": repeats,
             "steps_per_repeat": steps}
@@ -442,7 +442,8 @@ def main(argv=None) -> None:
     print(f"training throughput (tokens/s, median of {repeats} x {steps} steps; torch {meta['torch']}, "
           f"{meta['threads']} threads; load avg {meta['loadavg_start'][0]} -> {meta['loadavg_end'][0]})")
     print(f"machine: {machine.one_line(meta['machine'])}" + (f"; device: {meta['gpu']}" if meta["gpu"] else "")
-          + f"; malloc: {meta['malloc']}" + (" (freed memory kept for reuse)" if meta["malloc_keeps_freed"] else ""))
+          + f"; malloc: {meta['malloc']}" + (f" (freed blocks up to {meta['malloc_kept_block_bytes'] >> 20} MiB kept for reuse)"
+             if meta["malloc_kept_block_bytes"] else ""))
     print(f"matmul peak (best of start and end): fp32 {peaks['fp32']} GFLOP/s, bf16 {peaks['bf16']} GFLOP/s")
     for r in results:
         print(f"\n{r['model_type']} [{r['shape']}: vocab {r['vocab_size']}, d_model {r['d_model']}, "

@@ -7,7 +7,7 @@ whenever more than twice that is free. So each step touches its big tensors on p
 has to fault in and zero again. Measured on the development machine (2-core AMD EPYC, torch 2.13):
 the eager fp32 training step of transformer_2L at d_model 256 faulted in ~93,000 pages (~360 MiB)
 per step, and plain attention at T 4096 up to ~55,000 per call; with the setting below, none, and
-eager steps ran 15-30% faster (benchmarks/train_throughput.py prints the faults of every variant).
+eager steps ran 15-45% faster (benchmarks/train_throughput.py prints the faults of every variant).
 Compiled steps reuse their buffers and never paid this.
 
 The cost: memory a process has freed stays in it (its resident size stays at its peak) until it
@@ -24,7 +24,7 @@ from __future__ import annotations
 import ctypes
 import os
 
-__all__ = ["MALLOC_ENV", "apply_from_environment", "keep_freed_memory", "malloc_is_tuned"]
+__all__ = ["MALLOC_ENV", "apply_from_environment", "keep_freed_memory", "kept_block_bytes", "malloc_is_tuned"]
 
 #: Environment variable read by the ``qtoy`` command: ``system`` leaves glibc's malloc settings alone.
 MALLOC_ENV = "QTOY_MALLOC"
@@ -34,20 +34,21 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
 #: Blocks up to this size come from the heap (larger ones are still mapped and unmapped: rare, and
-#: their compute dwarfs the page faults). Current glibc accepts any C int here; older releases
-#: capped the setting at 32 MiB on 64-bit systems, so that is tried when this is refused.
+#: their compute dwarfs the page faults). glibc 2.36 accepts it; releases whose mallopt refuses
+#: thresholds above HEAP_MAX_SIZE / 2 (32 MiB on 64-bit systems) get that instead (and then
+#: larger blocks, such as the 64 MiB logits of a batch of 4096 tokens over 4096 words, still fault).
 MMAP_THRESHOLD_BYTES = 2**30
 _MMAP_THRESHOLD_OLD_GLIBC_MAX = 32 * 2**20
 #: Free memory at the top of the heap is handed back to the OS only past this much.
 TRIM_THRESHOLD_BYTES = 2**31 - 1
 
-_tuned = False
+_kept_up_to = 0  # the mmap threshold in effect, in bytes; 0 until keep_freed_memory takes effect
 
 
 def _glibc() -> ctypes.CDLL | None:
     try:
         libc = ctypes.CDLL(None)  # the symbols already loaded into this process
-    except OSError:  # Windows: no process-wide C library handle
+    except (OSError, TypeError):  # Windows has no process-wide C library handle (TypeError on 3.10-3.12)
         return None
     if not hasattr(libc, "gnu_get_libc_version") or not hasattr(libc, "mallopt"):
         return None  # musl, macOS: another malloc with other knobs
@@ -58,26 +59,38 @@ def keep_freed_memory() -> bool:
     """Make glibc's malloc serve large blocks from its heap and keep freed memory (see the module
     docstring for why and at what cost). Process-wide and for the rest of the process; calling it
     again does nothing. Returns True when the setting is in effect, False where the C library is not
-    glibc (macOS, Windows, musl), where it is a no-op."""
-    global _tuned
-    if _tuned:
+    glibc (macOS, Windows, musl), where it is a no-op.
+
+    Blocks that threads other than the main one allocate come from glibc's per-thread arenas, whose
+    heaps are at most 64 MiB: larger ones are still mapped. CPU autograd runs on the calling thread,
+    so a training step's tensors are the main thread's."""
+    global _kept_up_to
+    if _kept_up_to:
         return True
     libc = _glibc()
     if libc is None:
         return False
     libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     libc.mallopt.restype = ctypes.c_int
-    # the trim threshold first: once the mmap threshold is fixed, glibc stops adjusting either
-    ok = libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1
-    ok = ok and any(libc.mallopt(_M_MMAP_THRESHOLD, size) == 1
-                    for size in (MMAP_THRESHOLD_BYTES, _MMAP_THRESHOLD_OLD_GLIBC_MAX))
-    _tuned = ok
-    return ok
+    # the mmap threshold first: each accepted setting turns glibc's automatic thresholds off, so if
+    # every size is refused nothing may have been changed
+    size = next((s for s in (MMAP_THRESHOLD_BYTES, _MMAP_THRESHOLD_OLD_GLIBC_MAX)
+                 if libc.mallopt(_M_MMAP_THRESHOLD, s) == 1), 0)
+    if not size or libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) != 1:
+        return False
+    _kept_up_to = size
+    return True
 
 
 def malloc_is_tuned() -> bool:
     """Whether :func:`keep_freed_memory` has taken effect in this process."""
-    return _tuned
+    return _kept_up_to > 0
+
+
+def kept_block_bytes() -> int:
+    """The largest block malloc now serves from its heap (and keeps when freed): 1 GiB, or 32 MiB on
+    an older glibc; 0 while :func:`keep_freed_memory` has not taken effect."""
+    return _kept_up_to
 
 
 def apply_from_environment() -> bool:

@@ -13,11 +13,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(autouse=True)
 def _fresh_registry(monkeypatch, tmp_path_factory):
     """Every test starts with the plugins as installed and the environment's plugin switches unset,
-    and leaves no in-process plugin behind."""
+    and leaves no in-process plugin behind; in-process CLI runs leave malloc alone."""
     from qtoy_registry import reset_registry
 
     for var in ("QTOY_LOAD_PLUGINS", "QTOY_STRICT_PLUGINS"):
         monkeypatch.delenv(var, raising=False)
+    # a CLI run in-process (CliRunner) would otherwise set the process-wide malloc switch for every
+    # later test of this worker; subprocesses still run as users do (tests/test_host_memory.py)
+    monkeypatch.setattr("qtoy_core.host_memory._glibc", lambda: None)
     monkeypatch.setenv("QTOY_CACHE", str(tmp_path_factory.getbasetemp() / "qtoy-cache"))
     reset_registry()
     yield
