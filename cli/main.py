@@ -51,7 +51,7 @@ def cli() -> None:
 
     Environment: HF_HUB_OFFLINE=0 lets qtoy reach the Hugging Face hub (off by default);
     QTOY_MALLOC=system leaves glibc's malloc alone (by default qtoy keeps freed host memory for
-    reuse, which makes eager CPU steps 15-30% faster; see docs/training.md).
+    reuse, which makes eager CPU steps 15-45% faster; see docs/training.md).
     """
     # runs before any subcommand (not for --help): keep freed host memory for reuse, so eager steps do
     # not fault in and zero their large tensors again every step (QTOY_MALLOC=system to opt out)

@@ -79,7 +79,7 @@ __all__ = [
 # These ran with glibc's malloc defaults, where the plain form's O(T^2) saved tensors are faulted in
 # afresh on every call. With freed memory kept (what the qtoy command sets, qtoy_core.host_memory) the
 # plain form gains most: crossovers ~2260 fp32 / < 2048 bf16 at d_head 32, ~6210 fp32 / ~7030 bf16 at
-# d_head 64 (benchmarks/README.md). The table below stays: within ~13% of the faster form either way.
+# d_head 64 (benchmarks/README.md). The table below stays: within ~15% of the faster form either way.
 # ---------------------------------------------------------------------------------------------
 
 #: ``impl="auto"`` crossover, keyed by the feature dimension F (D(D+1)/2 quadratic, D^2 bilinear):
