@@ -24,7 +24,7 @@ from __future__ import annotations
 import ctypes
 import os
 
-__all__ = ["MALLOC_ENV", "apply_from_environment", "keep_freed_memory", "kept_block_bytes", "malloc_is_tuned"]
+__all__ = ["MALLOC_ENV", "apply_from_environment", "keep_freed_memory", "kept_block_bytes"]
 
 #: Environment variable read by the ``qtoy`` command: ``system`` leaves glibc's malloc settings alone.
 MALLOC_ENV = "QTOY_MALLOC"
@@ -80,11 +80,6 @@ def keep_freed_memory() -> bool:
         return False
     _kept_up_to = size
     return True
-
-
-def malloc_is_tuned() -> bool:
-    """Whether :func:`keep_freed_memory` has taken effect in this process."""
-    return _kept_up_to > 0
 
 
 def kept_block_bytes() -> int:

@@ -60,7 +60,7 @@ def test_keep_freed_memory_stops_page_faults_of_repeated_large_tensors():
 
 def _qtoy_then_report(args, env_extra=None):
     code = ("import sys; from qtoy_cli.main import main; main(sys.argv[1:]); "
-            "from qtoy_core.host_memory import malloc_is_tuned; print('TUNED', malloc_is_tuned())")
+            "from qtoy_core.host_memory import kept_block_bytes; print('TUNED', kept_block_bytes() > 0)")
     env = {k: v for k, v in os.environ.items() if k != "QTOY_MALLOC"}
     env.update(env_extra or {})
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True, env=env)
@@ -128,7 +128,7 @@ def test_without_glibc_it_is_a_no_op(monkeypatch):
     monkeypatch.setattr(host_memory, "_glibc", lambda: None)
     monkeypatch.setattr(host_memory, "_kept_up_to", 0)
     assert host_memory.keep_freed_memory() is False
-    assert host_memory.malloc_is_tuned() is False
+    assert host_memory.kept_block_bytes() == 0
 
 
 def test_windows_has_no_process_wide_c_library_and_gets_none(monkeypatch):
