@@ -124,7 +124,7 @@ def _install_slow_saves(shared: mmap.mmap, slow: float, seed: int) -> None:
     torch.save = slowed("state", torch.save)
     os.fsync = only_in_save("fsync", os.fsync)
     os.replace = only_in_save("rename", os.replace)
-    run_folder.atomic_write_text = only_in_save("pointer", run_folder.atomic_write_text)
+    run_folder.write_atomic = only_in_save("pointer", run_folder.write_atomic)
     folder = run_folder.RunFolder
     folder._publish = slowed("publish", folder._publish)
     folder._prune = slowed("prune", folder._prune)

@@ -9,12 +9,9 @@ import click
 
 def _load(run: str, tokenizer: str | None, *, need_tokenizer: bool):
     """(model, tokenizer or None) from RUN; errors are one clear paragraph."""
-    from qtoy_core.checkpoint import read_document
+    from qtoy_core.run_files import load_run
 
-    from .use import load_run
-
-    read_document(run)  # a folder that is not a run: one clear error before any loading noise
-    model, run_tokenizer, _ = load_run(run)
+    model, run_tokenizer, _ = load_run(run)  # a folder that is not a run: one clear CheckpointError
     tok = run_tokenizer
     if tokenizer:
         from qtoy_core.data import Tokenizer

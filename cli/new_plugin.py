@@ -429,9 +429,9 @@ Built as `__IMPL__(callback_config)`; override any of the `qtoy_core.Callback` m
 exposes `step`, `tokens`, `model`, `optimizer`, `config`, `run.path` and `world.is_main`.
 """
 
-import json
+from qtoy_core import Callback, append_jsonl, truncate_jsonl
 
-from qtoy_core import Callback
+FILE_NAME = "__NAME__.jsonl"
 
 
 class __IMPL__(Callback):
@@ -439,13 +439,13 @@ class __IMPL__(Callback):
         self.every = config.every
 
     def on_train_start(self, trainer) -> None:
-        if trainer.world.is_main and trainer.step == 0:
-            (trainer.run.path / "__NAME__.jsonl").write_text("", encoding="utf-8")
+        """A fresh run starts an empty log; a resumed one keeps the records up to its checkpoint."""
+        if trainer.world.is_main:
+            truncate_jsonl(trainer.run.path / FILE_NAME, after_step=trainer.step)
 
     def on_step_end(self, trainer, metrics: dict) -> None:
         if trainer.step % self.every == 0 and trainer.world.is_main:
-            with open(trainer.run.path / "__NAME__.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": trainer.step, "loss": metrics["loss"]}) + "\\n")
+            append_jsonl(trainer.run.path / FILE_NAME, {"step": trainer.step, "loss": metrics["loss"]})
 '''
 
 CALLBACK_TEST = TEST_HEADER + '''
@@ -464,8 +464,9 @@ def test_runs_in_training(registry, tmp_path):
                   "precision": "fp32", "compile": False, "device": "cpu"},
     })
     Trainer(config, tmp_path / "run", train_batches=_batches(10), val_batches=list(_batches(1))).fit()
-    lines = (tmp_path / "run" / f"{NAME}.jsonl").read_text().splitlines()
-    assert [line.split(",")[0] for line in lines] == ['{"step": 2', '{"step": 4']
+    records = read_jsonl(tmp_path / "run" / f"{NAME}.jsonl")
+    assert [r["step"] for r in records] == [2, 4]
+    assert all(r["loss"] > 0 for r in records)
 '''
 
 POLY = '''
@@ -552,7 +553,7 @@ KINDS: dict[str, dict[str, str]] = {
         "base": "CallbackConfig", "impl_module": "callback", "impl": "__CLASS__Callback", "code": CALLBACK_IMPL,
         "description": "Write the training loss every N steps to __NAME__.jsonl in the run folder.",
         "fields": '    every: int = Field(10, gt=0, description="record every this many steps")\n',
-        "test": CALLBACK_TEST, "test_imports": "RunConfig, Trainer",
+        "test": CALLBACK_TEST, "test_imports": "RunConfig, Trainer, read_jsonl",
         "usage": "Train with it: `qtoy train --callback __NAME__`.",
     },
 }

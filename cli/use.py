@@ -3,25 +3,8 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
-
-
-def load_run(run: str):
-    """(model, tokenizer or None, run document) from a run folder or a model folder."""
-    from qtoy_core.checkpoint import read_document
-    from qtoy_core.model import ToyTransformer
-
-    document = read_document(run)  # a clear message for a missing or corrupt config.json
-    model = ToyTransformer.from_pretrained(run)
-    tokenizer = None
-    tok_path = Path(run) / "tokenizer.json"
-    if tok_path.exists():
-        from qtoy_core.data import Tokenizer
-
-        tokenizer = Tokenizer.from_file(tok_path)
-    return model, tokenizer, document
 
 
 @click.command("eval")
@@ -41,6 +24,7 @@ def eval_command(run, dataset, data_files, tokenizer, eval_iters, batch_size, as
     from qtoy_core.data import StreamingTextDataset, build_dataset, check_vocab
     from qtoy_core.data.config import DataConfig
     from qtoy_core.model import cross_entropy
+    from qtoy_core.run_files import load_run, run_tokenizer_path
 
     model, run_tokenizer, doc = load_run(run)
     data = DataConfig.model_validate(doc.get("data", {}))
@@ -52,7 +36,7 @@ def eval_command(run, dataset, data_files, tokenizer, eval_iters, batch_size, as
     if tokenizer:
         ds["tokenizer"] = tokenizer
     elif run_tokenizer is not None and not dataset:
-        ds["tokenizer"] = str(Path(run) / "tokenizer.json")
+        ds["tokenizer"] = str(run_tokenizer_path(run))
     data = DataConfig.model_validate({**data.model_dump(), "dataset": ds})
     source = build_dataset(data.dataset)
     check_vocab(model.config, source.tokenizer())
@@ -100,6 +84,7 @@ def generate_command(run, prompt, max_new_tokens, temperature, top_k, seed, num_
     import torch
 
     from qtoy_core.generate import generate
+    from qtoy_core.run_files import load_run
 
     model, tokenizer, _ = load_run(run)
     if tokenizer is None:

@@ -54,24 +54,47 @@ _LAZY = {
     "key_padding_mask": ".interfaces",
     "append_to_cache": ".interfaces",
     "causal_pattern": ".ops.masks",
+    # the fast kernels of polynomial attention (qtoy_core.ops): what the built-in quadratic and
+    # bilinear attentions call, open to any attention plugin
+    "quadratic_attention": ".ops.quadratic",
+    "QuadraticAttentionState": ".ops.quadratic",
     # optimizers
     "build_optimizer": ".optim",
     "is_hidden_matrix": ".optim",
+    "use_fused_adamw": ".optim",
     # model files
     "CheckpointError": ".checkpoint",
     "MissingPluginError": ".checkpoint",
+    # run-folder files: atomic writes, JSON Lines logs (what a callback writes), opening a trained folder
+    "write_atomic": ".run_files",
+    "atomic_path": ".run_files",
+    "read_jsonl": ".run_files",
+    "append_jsonl": ".run_files",
+    "truncate_jsonl": ".run_files",
+    "load_run": ".run_files",
     # datasets: configs, the TextDataset a dataset factory returns, tokenizers (no torch)
     "TextDatasetConfig": ".data",
     "HubDatasetConfig": ".data",
+    "TextSplit": ".data.config",
     "TextDataset": ".data",
     "HubTextDataset": ".data",
     "DocumentSource": ".data",
+    "Batch": ".data",
     "Tokenizer": ".data",
+    "MappedTokenizer": ".data",
     "END_OF_TEXT": ".data",
     "train_bpe": ".data",
     "cached_tokenizer": ".data",
     "build_dataset": ".data",
     "DataError": ".data",
+    "EmptySplitError": ".data",
+    "TokenizerError": ".data",
+    # reading local files and the hub into a dataset (datasets and huggingface_hub load on first use)
+    "HFSource": ".data.sources",
+    "resolve_data_files": ".data.sources",
+    "hub_file": ".data.hub",
+    "url_file": ".data.hub",
+    "hash_files": ".data.cache",
     # training (what a callback receives, and how to run one in a test)
     "Trainer": ".training.trainer",
     "RunConfig": ".training.config",
@@ -87,6 +110,7 @@ _LAZY = {
     "NotPolynomialError": ".analysis.tensor_network",
     "to_tensor_network": ".analysis.tensor_network",
     "contract_logits": ".analysis.tensor_network",
+    "rotation_matrices": ".analysis.tensor_network",
     # the host process: keep freed memory for reuse, as the qtoy command does (no torch)
     "keep_freed_memory": ".host_memory",
 }
@@ -140,22 +164,31 @@ if TYPE_CHECKING:
         TNBuilder,
         Wire,
         contract_logits,
+        rotation_matrices,
         to_tensor_network,
     )
     from .checkpoint import CheckpointError, MissingPluginError
     from .data import (
         END_OF_TEXT,
+        Batch,
         DataError,
         DocumentSource,
+        EmptySplitError,
         HubDatasetConfig,
         HubTextDataset,
+        MappedTokenizer,
         TextDataset,
         TextDatasetConfig,
         Tokenizer,
+        TokenizerError,
         build_dataset,
         cached_tokenizer,
         train_bpe,
     )
+    from .data.cache import hash_files
+    from .data.config import TextSplit
+    from .data.hub import hub_file, url_file
+    from .data.sources import HFSource, resolve_data_files
     from .interfaces import (
         MLP,
         Attention,
@@ -170,6 +203,8 @@ if TYPE_CHECKING:
     )
     from .model import GenerationCache, ToyTransformer, cross_entropy
     from .ops.masks import causal_pattern
-    from .optim import build_optimizer, is_hidden_matrix
+    from .ops.quadratic import QuadraticAttentionState, quadratic_attention
+    from .optim import build_optimizer, is_hidden_matrix, use_fused_adamw
+    from .run_files import append_jsonl, atomic_path, load_run, read_jsonl, truncate_jsonl, write_atomic
     from .training.config import RunConfig
     from .training.trainer import Trainer

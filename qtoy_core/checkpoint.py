@@ -1,21 +1,20 @@
 """Model files on disk: config.json (a JSON document with the model config and the provider of each
-component) and model.safetensors (weights, no pickle). Every write is atomic: a temporary file in
-the same folder, flushed and fsynced, then renamed over the target, so an interrupted save never
-leaves a half-written file in place.
+component) and model.safetensors (weights, no pickle). Every write is atomic (`qtoy_core.run_files`:
+a temporary file in the same folder, fsynced, renamed over the target, the folder fsynced), so an
+interrupted save never leaves a half-written file in place.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from qtoy_registry import QtoyError, UnknownComponentError, get_registry
 
 from .config import ModelConfig
+from .run_files import atomic_path, write_atomic
 
 if TYPE_CHECKING:
     from .model import ToyTransformer
@@ -42,63 +41,6 @@ def qtoy_version() -> str:
         return "0+unknown"
 
 
-@contextmanager
-def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to `target`; on success it is fsynced and renamed onto `target`."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.chmod(tmp_path, 0o666 & ~current_umask())  # mkstemp (and safetensors) make 0600: use the umask
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp_path, target)
-        _fsync_dir(target.parent)
-    finally:
-        tmp_path.unlink(missing_ok=True)
-
-
-def current_umask() -> int:
-    """The process umask (read from /proc where possible: setting it to find it out is not thread-safe)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(target: str | os.PathLike, text: str) -> None:
-    with atomic_path(target) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
-def atomic_write(target: str | os.PathLike, write: Callable[[Path], Any]) -> None:
-    """Call `write(tmp_path)` and move the result onto `target` atomically."""
-    with atomic_path(target) as tmp:
-        write(tmp)
-
-
 def component_providers(config: ModelConfig) -> dict[str, dict[str, str]]:
     """For each component of the model: its name and the package (and version) that provides it."""
     registry = get_registry()
@@ -122,9 +64,10 @@ def save_model_files(model: "ToyTransformer", directory: str | os.PathLike, **se
     from safetensors.torch import save_model
 
     directory = Path(directory)
-    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_model(model, str(tmp), metadata={"format": "pt"}))
+    with atomic_path(directory / WEIGHTS_NAME) as tmp:
+        save_model(model, str(tmp), metadata={"format": "pt"})
     doc = model_document(model.config, **sections)
-    atomic_write_text(directory / CONFIG_NAME, json.dumps(doc, indent=2, sort_keys=False) + "\n")
+    write_atomic(directory / CONFIG_NAME, json.dumps(doc, indent=2, sort_keys=False) + "\n")
 
 
 def read_document(path: str | os.PathLike) -> dict[str, Any]:

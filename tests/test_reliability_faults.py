@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from qtoy_core import ToyTransformer
+from qtoy_core import run_files as run_files_mod
 from qtoy_core.training import run_folder as run_folder_mod
 from qtoy_core.training.config import assemble_run_config
 from qtoy_core.training.run_folder import RunFolder, RunFolderError, read_metrics
@@ -229,7 +230,7 @@ def test_a_failed_save_keeps_the_previous_checkpoint_and_says_why(tmp_path, monk
 
     run = tmp_path / "run"
     targets = {"weights": (safetensors.torch, "save_model"), "state": (torch, "save"),
-               "pointer": (run_folder_mod, "atomic_write_text"), "metrics": (run_folder_mod, "open"),
+               "pointer": (run_folder_mod, "write_atomic"), "metrics": (run_files_mod, "open"),
                "publish": (RunFolder, "_publish")}
     owner, name = targets[where]
     real = getattr(owner, name, open)

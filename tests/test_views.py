@@ -148,7 +148,7 @@ def test_loss_colours_follow_the_loss():
 
 
 def test_loss_view_numbers_and_tooltips_match_the_model(model_dirs):
-    from qtoy_cli.use import load_run
+    from qtoy_core import load_run
 
     model, tok, _ = load_run(model_dirs["2L"])
     view = loss_view(model, tok, TEXT)
@@ -178,7 +178,7 @@ def test_loss_view_numbers_and_tooltips_match_the_model(model_dirs):
 
 
 def test_loss_view_long_text_uses_windows(model_dirs):
-    from qtoy_cli.use import load_run
+    from qtoy_core import load_run
 
     model, tok, _ = load_run(model_dirs["1L"])
     text = " ".join([TEXT] * 6)

@@ -1,10 +1,10 @@
-"""qtoy's cache folder (trained tokenizers, downloaded id maps) and small file helpers."""
+"""qtoy's cache folder (trained tokenizers, downloaded id maps) and file hashing. Files in it are
+written with `qtoy_core.run_files.write_atomic`."""
 
 from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 
 
@@ -18,26 +18,6 @@ def cache_dir(*parts: str) -> Path:
     path = Path(root).expanduser().joinpath(*parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def write_atomic(target: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to a temporary file beside `target`, then rename it over `target`.
-
-    Concurrent writers (several ranks training the same tokenizer) each rename a complete file, so a
-    reader never sees half a file.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def hash_files(paths: list[str], *, chunk: int = 1 << 20) -> str:

@@ -108,7 +108,8 @@ def url_file(url: str, cache_name: str, *, dataset: str, hint: str, sha256: str 
     import hashlib
     import urllib.request
 
-    from .cache import cache_dir, write_atomic
+    from ..run_files import write_atomic
+    from .cache import cache_dir
 
     path = cache_dir("downloads") / cache_name
     if path.is_file():

@@ -21,7 +21,8 @@ import unicodedata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
-from .cache import cache_dir, write_atomic
+from ..run_files import write_atomic
+from .cache import cache_dir
 from .errors import TokenizerError
 
 if TYPE_CHECKING:

@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from qtoy_registry import QtoyError
 
+from ..run_files import read_jsonl
 from .run_folder import read_metrics
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    out = []
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return out
 
 
 def plot_run(run: str | Path, out: str | Path | None = None) -> Path:
@@ -33,7 +22,7 @@ def plot_run(run: str | Path, out: str | Path | None = None) -> Path:
     evals = [m for m in metrics if "val_loss" in m]
     if not steps:
         raise QtoyError(f"{run} has no training records in metrics.jsonl yet: nothing to plot.")
-    dynamics = _read_jsonl(run / "dynamics.jsonl")
+    dynamics = read_jsonl(run / "dynamics.jsonl")
     rows = 2 + (2 if dynamics else 0)
     fig, axes = plt.subplots(rows, 1, figsize=(8, 3 * rows), constrained_layout=True)
     ax = axes[0]

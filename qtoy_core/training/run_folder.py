@@ -25,15 +25,8 @@ import torch
 
 from qtoy_registry import QtoyError, get_registry
 
-from ..checkpoint import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    atomic_write_text,
-    check_document,
-    component_providers,
-    current_umask,
-    model_document,
-)
+from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME, check_document, component_providers, model_document
+from ..run_files import append_jsonl, current_umask, read_jsonl, truncate_jsonl, write_atomic
 
 POINTER_NAME = "checkpoint.json"
 STATE_NAME = "trainer_state.pt"
@@ -103,7 +96,7 @@ class RunFolder:
                                  f"--out folder.")
 
     def write_config(self, doc: dict[str, Any]) -> None:
-        atomic_write_text(self.path / CONFIG_NAME, json.dumps(doc, indent=2) + "\n")
+        write_atomic(self.path / CONFIG_NAME, json.dumps(doc, indent=2) + "\n")
 
     def read_config(self) -> dict[str, Any]:
         """The run document, checked: a qtoy run of this format whose components are all installed."""
@@ -172,7 +165,7 @@ class RunFolder:
                 best = {"path": f"checkpoints/{name}", "step": step, "val_loss": val_loss}
             new_pointer = {"latest": f"checkpoints/{name}", "step": step, "best": best}
             # The commit point: until this rename, checkpoint.json points at the previous checkpoint.
-            atomic_write_text(self.path / POINTER_NAME, json.dumps(new_pointer, indent=2) + "\n")
+            write_atomic(self.path / POINTER_NAME, json.dumps(new_pointer, indent=2) + "\n")
         except OSError as exc:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -249,9 +242,7 @@ class RunFolder:
     # -- metrics ---------------------------------------------------------------------------------
     def append_metrics(self, records: list[dict[str, Any]]) -> None:
         try:
-            with open(self.metrics_path, "a", encoding="utf-8") as f:
-                f.write("".join(json.dumps(r) + "\n" for r in records))
-                f.flush()
+            append_jsonl(self.metrics_path, *records)
         except OSError as exc:
             raise RunFolderError(f"Writing {self.metrics_path} failed ({_why(exc)}); the last checkpoint in "
                                  f"{self.path} is intact. Free disk space or fix permissions, then resume with "
@@ -260,17 +251,7 @@ class RunFolder:
     def truncate_metrics(self, after_step: int) -> None:
         """Keep the records of steps <= after_step (a resumed run rewrites what came after), dropping a
         line cut short by a kill."""
-        if not self.metrics_path.exists():
-            return
-        kept = []
-        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if record.get("step", 0) <= after_step:
-                kept.append(line)
-        atomic_write_text(self.metrics_path, "".join(k + "\n" for k in kept))
+        truncate_jsonl(self.metrics_path, after_step)
 
 
 def _why(exc: OSError) -> str:
@@ -278,15 +259,8 @@ def _why(exc: OSError) -> str:
 
 
 def read_metrics(run: str | os.PathLike) -> list[dict[str, Any]]:
-    path = Path(run) / METRICS_NAME
-    out = []
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return out
+    """The records of RUN/metrics.jsonl (a line cut short by a kill is skipped)."""
+    return read_jsonl(Path(run) / METRICS_NAME)
 
 
 __all__ = ["RunFolder", "RunFolderError", "read_metrics", "run_document", "component_providers"]

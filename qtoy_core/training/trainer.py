@@ -20,6 +20,7 @@ from qtoy_registry import QtoyError
 from ..model import ToyTransformer, cross_entropy
 from ..optim import build_optimizer, load_optimizer_state
 from ..registry_access import build_component
+from ..run_files import TOKENIZER_NAME
 from .config import RunConfig
 from .precision import resolve_device, resolve_precision
 from .run_folder import MIN_FREE_BYTES, RunFolder, run_document
@@ -27,7 +28,6 @@ from .run_folder import MIN_FREE_BYTES, RunFolder, run_document
 # torch.compile costs ~15-20 s on 2 CPU cores and roughly halves the step time; it is switched on
 # by default only when the eager run would take longer than this (see `should_compile`).
 COMPILE_PAYS_AFTER_S = 90.0
-TOKENIZER_NAME = "tokenizer.json"
 
 
 class TrainingStopped(QtoyError):
@@ -151,9 +151,7 @@ class Trainer:
         if self.world.is_main:  # on resume too: options changed for the rest of the run (max_iters, lr) stick
             self.run.write_config(self.model_doc)
         if self.tokenizer is not None and self.world.is_main:
-            from ..checkpoint import atomic_write
-
-            atomic_write(self.run.path / TOKENIZER_NAME, lambda tmp: self.tokenizer.save(str(tmp)))
+            self.tokenizer.save(self.run.path / TOKENIZER_NAME)  # atomic (run_files.write_atomic)
         self._train_iter = self._batches(self.train_stream)
 
     def _check_validation_split(self) -> None:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import time
 
-from qtoy_core import Callback
+from qtoy_core import Callback, append_jsonl, truncate_jsonl
 
 FILE_NAME = "loss_trace.jsonl"
 
@@ -24,14 +23,7 @@ class LossTrace(Callback):
         self._start = time.perf_counter()
         if not trainer.world.is_main:
             return
-        path = trainer.run.path / FILE_NAME
-        kept = []
-        if trainer.step > 0 and path.exists():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                record = json.loads(line)
-                if "step" in record and record["step"] <= trainer.step:
-                    kept.append(line + "\n")
-        path.write_text("".join(kept), encoding="utf-8")
+        truncate_jsonl(trainer.run.path / FILE_NAME, after_step=trainer.step)
 
     def on_step_end(self, trainer, metrics: dict) -> None:
         if self._first is None:
@@ -40,12 +32,10 @@ class LossTrace(Callback):
             return
         record = {"step": trainer.step, "loss": metrics["loss"],
                   "seconds": round(time.perf_counter() - self._start, 4)}
-        with open(trainer.run.path / FILE_NAME, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        append_jsonl(trainer.run.path / FILE_NAME, record)
 
     def on_train_end(self, trainer, summary: dict) -> None:
         if trainer.world.is_main:
             record = {"summary": True, "steps": trainer.step, "first_loss": self._first,
                       "train_loss": summary.get("train_loss"), "val_loss": summary.get("val_loss")}
-            with open(trainer.run.path / FILE_NAME, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            append_jsonl(trainer.run.path / FILE_NAME, record)
