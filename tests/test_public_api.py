@@ -216,6 +216,21 @@ def test_the_example_plugin_imports_only_the_public_api():
         assert not qtoy_imports(path.read_text(), own="qtoy_example_plugin"), path
 
 
+def test_the_built_in_plugins_import_only_the_public_api():
+    """qtoy's own components are written as a third party must write them: every module under
+    plugins/ imports qtoy only as `from qtoy_core import <name in qtoy_core.__all__>` (its own
+    modules relatively), so whatever a built-in can do, a plugin package can do too."""
+    files = sorted((repo_root() / "plugins").rglob("*.py"))
+    assert len(files) >= 20
+    found = {str(path.relative_to(repo_root())): qtoy_imports(path.read_text(), own="qtoy_plugins")
+             for path in files}
+    assert {path: bad for path, bad in found.items() if bad} == {}
+    assert qtoy_imports("from qtoy_core.ops.quadratic import quadratic_attention\n", own="x") \
+        == ["import of qtoy_core.ops.quadratic"]  # the check sees what it forbids
+    assert qtoy_imports("from qtoy_core import no_such_name\nimport qtoy_registry\n", own="x") \
+        == ["qtoy_core.no_such_name is not public", "import of qtoy_registry"]
+
+
 def test_new_plugin_skeletons_import_only_the_public_api():
     from qtoy_cli.new_plugin import KINDS, names_for, render
 

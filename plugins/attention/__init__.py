@@ -2,8 +2,7 @@
 
 from typing import Literal
 
-from qtoy_core.components import AttentionConfig
-from qtoy_registry import hookimpl
+from qtoy_core import AttentionConfig, hookimpl
 
 
 class QuadraticAttentionConfig(AttentionConfig):

@@ -1,8 +1,6 @@
 from torch import Tensor
 
-from qtoy_core.interfaces import ProjectedAttention, append_to_cache
-from qtoy_core.ops.masks import causal_pattern
-from qtoy_core.ops.quadratic import QuadraticAttentionState, quadratic_attention
+from qtoy_core import ProjectedAttention, QuadraticAttentionState, append_to_cache, causal_pattern, quadratic_attention
 
 
 class QuadraticAttention(ProjectedAttention):

@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from qtoy_core.interfaces import Callback
+from qtoy_core import Callback
 
 FILE_NAME = "dynamics.jsonl"
 

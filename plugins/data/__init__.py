@@ -10,8 +10,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from qtoy_core.data.config import HubDatasetConfig, TextDatasetConfig, TextSplit
-from qtoy_registry import hookimpl
+from qtoy_core import HubDatasetConfig, TextDatasetConfig, TextSplit, hookimpl
 
 
 class SyntheticDatasetConfig(TextDatasetConfig):

@@ -10,11 +10,21 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from qtoy_core.data import HubTextDataset, MappedTokenizer, TextDataset, Tokenizer, cached_tokenizer, train_bpe
-from qtoy_core.data.cache import hash_files
-from qtoy_core.data.errors import EmptySplitError, TokenizerError
-from qtoy_core.data.hub import hub_file, url_file
-from qtoy_core.data.sources import HFSource, resolve_data_files
+from qtoy_core import (
+    EmptySplitError,
+    HFSource,
+    HubTextDataset,
+    MappedTokenizer,
+    TextDataset,
+    Tokenizer,
+    TokenizerError,
+    cached_tokenizer,
+    hash_files,
+    hub_file,
+    resolve_data_files,
+    train_bpe,
+    url_file,
+)
 
 # The tokenizer files the projects publish (repo, file).
 SIMPLESTORIES_TOKENIZERS = {

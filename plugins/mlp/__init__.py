@@ -2,8 +2,7 @@
 
 from typing import Literal
 
-from qtoy_core.components import MLPConfig
-from qtoy_registry import hookimpl
+from qtoy_core import MLPConfig, hookimpl
 
 
 class BilinearMLPConfig(MLPConfig):

@@ -1,6 +1,6 @@
 from torch import Tensor, nn
 
-from qtoy_core.interfaces import MLP, HookPoint
+from qtoy_core import MLP, HookPoint
 
 
 class BilinearMLP(MLP):

@@ -1,7 +1,7 @@
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from qtoy_core.interfaces import MLP, HookPoint
+from qtoy_core import MLP, HookPoint
 
 
 class GeluMLP(MLP):

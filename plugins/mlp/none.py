@@ -1,7 +1,7 @@
 import torch
 from torch import Tensor
 
-from qtoy_core.interfaces import MLP
+from qtoy_core import MLP
 
 
 class NoMLP(MLP):

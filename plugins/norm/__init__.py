@@ -4,8 +4,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from qtoy_core.components import NormConfig
-from qtoy_registry import hookimpl
+from qtoy_core import NormConfig, hookimpl
 
 
 class NoNormConfig(NormConfig):

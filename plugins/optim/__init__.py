@@ -4,8 +4,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from qtoy_core.components import OptimizerConfig
-from qtoy_registry import hookimpl
+from qtoy_core import OptimizerConfig, hookimpl
 
 
 # Why eps is tiny: with the specified init (std 0.02, zero output projections, no norm) a quadratic

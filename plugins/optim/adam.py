@@ -1,6 +1,6 @@
 import torch
 
-from qtoy_core.optim import use_fused_adamw
+from qtoy_core import use_fused_adamw
 
 
 def build_adam(named_parameters, config) -> torch.optim.AdamW:

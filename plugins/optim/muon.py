@@ -7,7 +7,7 @@ rate schedulers, gradient clipping and checkpoints treat it like any optimizer.
 
 import torch
 
-from qtoy_core.optim import is_hidden_matrix, use_fused_adamw
+from qtoy_core import is_hidden_matrix, use_fused_adamw
 
 
 class MuonWithAdamW(torch.optim.Optimizer):

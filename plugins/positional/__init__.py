@@ -4,8 +4,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from qtoy_core.components import PositionalConfig
-from qtoy_registry import hookimpl
+from qtoy_core import PositionalConfig, hookimpl
 
 
 class RoPEConfig(PositionalConfig):

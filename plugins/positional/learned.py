@@ -1,7 +1,7 @@
 import torch
 from torch import Tensor, nn
 
-from qtoy_core.interfaces import Positional
+from qtoy_core import Positional
 
 
 class LearnedPositional(Positional):

@@ -1,4 +1,4 @@
-from qtoy_core.interfaces import Positional
+from qtoy_core import Positional
 
 
 class NoPositional(Positional):

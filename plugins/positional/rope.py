@@ -1,7 +1,7 @@
 import torch
 from torch import Tensor
 
-from qtoy_core.interfaces import Positional
+from qtoy_core import Positional
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -37,7 +37,7 @@ class RoPE(Positional):
         (read off `rotate` itself, so the float32 angles match the forward exactly); "embed": x."""
         if op != "rotate":
             return x
-        from qtoy_core.analysis.tensor_network import rotation_matrices
+        from qtoy_core import rotation_matrices
 
         d_head = 2 * self.inv_freq.shape[0]
         if x.dim % d_head:

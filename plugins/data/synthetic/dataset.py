@@ -22,14 +22,14 @@ from bisect import bisect_right
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Iterator
 
-from qtoy_core.data import DataError, TextDataset, Tokenizer, cached_tokenizer, train_bpe
+from qtoy_core import DataError, TextDataset, Tokenizer, cached_tokenizer, train_bpe
 
 from .generator import GENERATOR_VERSION, LABELS, Story, StoryGenerator, describe_structure
 
 if TYPE_CHECKING:
     import torch
 
-    from qtoy_core.data import Batch
+    from qtoy_core import Batch
 
 TOKENIZER_STORIES = 4000
 TOKENIZER_SEED = 0
@@ -75,7 +75,7 @@ class SyntheticDataset(TextDataset):
     # -- TextDataset ---------------------------------------------------------------------------------
     def make_source(self):
         if self.config.data_files:
-            from qtoy_core.data.sources import HFSource, resolve_data_files
+            from qtoy_core import HFSource, resolve_data_files
 
             local = resolve_data_files(self.config.data_files, dataset=self.name)
             return HFSource(dataset=self.name, column="text", local=local,
