@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationInfo, field_validator, model_validator
 
 from .components import AttentionConfig, MLPConfig, NormConfig, PositionalConfig, parse_component
 
@@ -34,6 +34,38 @@ def parse_model_type(model_type: str) -> tuple[int, bool]:
 
 def model_type_for(n_layers: int, has_mlp: bool) -> str:
     return f"{'transformer' if has_mlp else 'attention_only'}_{n_layers}L"
+
+
+def reconcile_model_type(model: dict[str, Any]) -> None:
+    """The one rule tying `model_type` to `mlp`, applied in place to a model section before it
+    validates (by ModelConfig, make_model_config and the CLI's run assembly alike): given only the
+    model type, transformers get the bilinear MLP and attention-only models none; given only an MLP
+    other than "none", the type is transformer_1L; given both, they must agree (ValueError saying
+    which to change). A value that does not parse is left for its own validator to report."""
+    mlp = model.get("mlp")
+    if isinstance(mlp, str):
+        mlp_name = mlp
+    elif isinstance(mlp, dict):
+        mlp_name = mlp.get("name") if isinstance(mlp.get("name"), str) else None
+    else:
+        mlp_name = getattr(mlp, "name", None) if mlp is not None else None
+    model_type = model.get("model_type")
+    if model_type is None:
+        if mlp_name is not None:
+            model["model_type"] = model_type_for(1, mlp_name != "none")
+        return
+    try:
+        n_layers, has_mlp = parse_model_type(model_type)
+    except (ValueError, TypeError):
+        return  # the model_type validator says what is wrong
+    if mlp is None:
+        model["mlp"] = "bilinear" if has_mlp else "none"
+    elif mlp_name is not None and has_mlp == (mlp_name == "none"):
+        raise ValueError(
+            f"model_type {model_type!r} contradicts mlp {mlp_name!r} "
+            f"({'this type needs an MLP' if has_mlp else 'this type has no MLP'}): use model_type {model_type_for(n_layers, not has_mlp)!r} (--model-type), or "
+            f"{'an MLP such as bilinear' if has_mlp else 'mlp none'} (--mlp), or give only one of the two: "
+            f"the other follows")
 
 
 class ModelConfig(BaseModel):
@@ -65,11 +97,7 @@ class ModelConfig(BaseModel):
         if isinstance(data.get("model"), dict) and set(data) <= DOCUMENT_KEYS:
             data = data["model"]
         data = dict(data)
-        # Without an explicit MLP the model type decides: transformers get the bilinear MLP.
-        if data.get("mlp") is None:
-            model_type = data.get("model_type", "attention_only_1L")
-            has_mlp = isinstance(model_type, str) and model_type.startswith("transformer_")
-            data["mlp"] = "bilinear" if has_mlp else "none"
+        reconcile_model_type(data)
         return data
 
     @field_validator("model_type")
@@ -78,36 +106,15 @@ class ModelConfig(BaseModel):
         parse_model_type(value)
         return value
 
-    @field_validator("attention", mode="before")
+    @field_validator("attention", "mlp", "positional", "norm", mode="before")
     @classmethod
-    def _attention(cls, value: Any) -> AttentionConfig:
-        return parse_component("attention", value)
-
-    @field_validator("mlp", mode="before")
-    @classmethod
-    def _mlp(cls, value: Any) -> MLPConfig:
-        return parse_component("mlp", value)
-
-    @field_validator("positional", mode="before")
-    @classmethod
-    def _positional(cls, value: Any) -> PositionalConfig:
-        return parse_component("positional", value)
-
-    @field_validator("norm", mode="before")
-    @classmethod
-    def _norm(cls, value: Any) -> NormConfig:
-        return parse_component("norm", value)
+    def _component(cls, value: Any, info: ValidationInfo) -> Any:
+        """A name, a dict with "name" and options, or a config: the registry gives the config class
+        of the component kind named by the field."""
+        return parse_component(info.field_name, value)
 
     @model_validator(mode="after")
     def _resolve_and_check(self) -> "ModelConfig":
-        n_layers, has_mlp = parse_model_type(self.model_type)
-        if has_mlp == (self.mlp.name == "none"):
-            suggestion = model_type_for(n_layers, not has_mlp)
-            raise ValueError(
-                f"model_type {self.model_type!r} {'has' if has_mlp else 'has no'} MLPs but mlp is "
-                f"{self.mlp.name!r}: use model_type {suggestion!r}, or "
-                f"{'an MLP such as bilinear' if has_mlp else 'mlp none'}"
-            )
         if self.d_head is None:
             if self.d_model % self.n_head:
                 raise ValueError(
@@ -142,7 +149,7 @@ def make_model_config(model_type: str | ModelConfig | dict | None = None, **opti
     """`make_model_config("transformer_2L", attn="quadratic", mlp="bilinear", d_model=256)`.
 
     `attn` and `pos` are accepted for `attention` and `positional`. Naming an MLP other than "none"
-    without a model type selects `transformer_1L`.
+    without a model type selects `transformer_1L` (`reconcile_model_type`).
     """
     if isinstance(model_type, ModelConfig):
         if options:
@@ -152,12 +159,6 @@ def make_model_config(model_type: str | ModelConfig | dict | None = None, **opti
     if isinstance(model_type, str):
         data["model_type"] = model_type
     data.update(_canonical(options))
-    if "model_type" not in data and data.get("mlp") not in (None, "none"):
-        mlp = data["mlp"]
-        mlp_name = mlp if isinstance(mlp, str) else getattr(mlp, "name", None) or (
-            mlp.get("name") if isinstance(mlp, dict) else None)
-        if mlp_name is not None:  # (an MLP of the wrong type: validation names it)
-            data["model_type"] = model_type_for(1, mlp_name != "none")
     return ModelConfig.model_validate(data)
 
 

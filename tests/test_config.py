@@ -84,6 +84,40 @@ def test_make_model_config_aliases_and_mlp_selects_transformer():
         make_model_config(attn="softmax", attention="quadratic")
 
 
+@pytest.mark.parametrize("given, model_type, mlp", [
+    ({}, "attention_only_1L", "none"),
+    ({"model_type": "transformer_3L"}, "transformer_3L", "bilinear"),
+    ({"mlp": "gelu"}, "transformer_1L", "gelu"),
+    ({"mlp": {"name": "bilinear", "bias": True}}, "transformer_1L", "bilinear"),
+    ({"mlp": "none"}, "attention_only_1L", "none"),
+])
+def test_model_type_and_mlp_follow_one_rule_everywhere(given, model_type, mlp):
+    """ModelConfig, make_model_config and the CLI's run assembly resolve the pair the same way."""
+    from qtoy_core.training.config import assemble_run_config
+
+    flat = {k: v for k, v in given.items() if isinstance(v, str)}
+    configs = [ModelConfig(**given), make_model_config(**given), assemble_run_config({"model": given}).model]
+    if len(flat) == len(given):
+        configs.append(assemble_run_config({}, flat).model)  # as flags: --model-type / --mlp
+    assert {(c.model_type, c.mlp.name) for c in configs} == {(model_type, mlp)}
+
+
+def test_a_contradiction_of_model_type_and_mlp_is_one_message_everywhere():
+    from qtoy_core.training.config import ConfigFileError, assemble_run_config
+
+    given = {"model_type": "attention_only_2L", "mlp": "bilinear"}
+    messages = []
+    for build in (lambda: ModelConfig(**given), lambda: make_model_config(**given)):
+        with pytest.raises(ValidationError) as info:
+            build()
+        messages.append(format_validation_error(info.value).split("\n", 1)[1].strip())
+    with pytest.raises(ConfigFileError) as info:
+        assemble_run_config({}, given)
+    messages.append(str(info.value))
+    assert len(set(messages)) == 1, messages
+    assert "contradicts mlp 'bilinear'" in messages[0] and "use model_type 'transformer_2L'" in messages[0]
+
+
 def test_polynomial_flag_follows_components():
     assert make_model_config("transformer_1L", attn="quadratic", mlp="bilinear", norm="none").is_polynomial
     assert not make_model_config(attn="softmax").is_polynomial

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validat
 from qtoy_registry import QtoyError
 
 from ..components import CallbackConfig, OptimizerConfig, parse_component
-from ..config import ModelConfig, make_model_config, model_type_for, parse_model_type
+from ..config import ModelConfig, reconcile_model_type
 from ..data.config import DataConfig
 from ..overrides import apply_overrides
 
@@ -183,7 +183,10 @@ def assemble_run_config(file_data: dict | None = None, flags: dict[str, Any] | N
     doc = apply_overrides(doc, [_qualify(a) for a in assignments])
     model = doc.setdefault("model", {})
     if isinstance(model, dict):  # anything else: RunConfig's validation names the problem
-        _resolve_model_type(model)
+        try:
+            reconcile_model_type(model)  # a contradiction of two flags is a config error, said once
+        except ValueError as exc:
+            raise ConfigFileError(str(exc)) from None
     return RunConfig.model_validate(doc)
 
 
@@ -205,23 +208,3 @@ def _qualify(assignment: str) -> str:
         raise ConfigFileError(f"--set {assignment!r}: unknown option {head!r}. Options live in the sections "
                               f"model, data, optimizer, train (e.g. --set train.warmup=10 or --set d_model=128).")
     return ".".join(place[:-1] + (key,)) + assignment[len(key):]
-
-
-def _resolve_model_type(model: dict[str, Any]) -> None:
-    mlp = model.get("mlp")
-    mlp_name = mlp if isinstance(mlp, str) else (mlp or {}).get("name") if isinstance(mlp, dict) else None
-    if "model_type" not in model:
-        if mlp_name not in (None, "none"):
-            model["model_type"] = model_type_for(1, True)
-        return
-    if mlp_name is not None:
-        try:
-            n_layers, has_mlp = parse_model_type(model["model_type"])
-        except (ValueError, TypeError):
-            return  # ModelConfig reports it
-        if has_mlp == (mlp_name == "none"):
-            raise ConfigFileError(
-                f"--model-type {model['model_type']} contradicts --mlp {mlp_name}: "
-                f"{'this type has no MLP' if not has_mlp else 'this type needs an MLP'}; use "
-                f"--model-type {model_type_for(n_layers, not has_mlp)}, or drop one of the two flags."
-            )
