@@ -3,6 +3,11 @@
 Plugins load once, lazily, on the first lookup. Each entry point loads inside its own
 try/except, and each plugin's hooks are called one plugin at a time, so one broken plugin costs
 a warning, never the CLI. Nothing here imports torch.
+
+qtoy's own components are imported directly (`BUILTIN_PLUGINS`), not found through the entry
+points its metadata declares, as simonw/llm loads its default plugins: a source checkout on
+sys.path without installed metadata, or metadata left stale by an older install, still has every
+built-in, and each is registered once whatever the metadata says.
 """
 
 from __future__ import annotations
@@ -22,6 +27,17 @@ from . import hookspecs
 from .errors import DuplicateComponentError, PluginError, PluginWarning, UnknownComponentError
 
 BUILTIN_DISTRIBUTION = "qtoy"
+# qtoy's built-in plugins: entry-point name -> module. pyproject.toml's [project.entry-points.qtoy]
+# declares the same table (tests/test_registry.py keeps the two equal).
+BUILTIN_PLUGINS = {
+    "attention": "qtoy_plugins.attention",
+    "mlp": "qtoy_plugins.mlp",
+    "positional": "qtoy_plugins.positional",
+    "norm": "qtoy_plugins.norm",
+    "optimizer": "qtoy_plugins.optim",
+    "dataset": "qtoy_plugins.data",
+    "callback": "qtoy_plugins.callbacks",
+}
 
 
 @dataclass(frozen=True)
@@ -112,12 +128,14 @@ class Registry:
         self._entry_points_loaded = True
         allowed_env = os.environ.get("QTOY_LOAD_PLUGINS")
         allowed = None if allowed_env is None else {p.strip() for p in allowed_env.split(",") if p.strip()}
+        # qtoy's own first: a third-party clash is then reported against the built-in
+        self._load_builtins()
         entry_points = importlib.metadata.entry_points(group=hookspecs.ENTRY_POINT_GROUP)
-        # qtoy's own first (a stable sort): a third-party clash is then reported against the built-in
-        builtin_first = sorted(entry_points, key=lambda ep: ep.dist is None or ep.dist.name != BUILTIN_DISTRIBUTION)
-        for ep in builtin_first:
+        for ep in entry_points:
             dist = ep.dist.name if ep.dist is not None else "unknown"
             version = ep.dist.version if ep.dist is not None else ""
+            if dist == BUILTIN_DISTRIBUTION and ep.name in BUILTIN_PLUGINS:
+                continue  # loaded above from the module itself (the metadata may be missing or stale)
             if dist != BUILTIN_DISTRIBUTION and allowed is not None and dist not in allowed:
                 continue
             if ep.name in self._plugins:
@@ -133,6 +151,20 @@ class Registry:
                 self._fail(ep.name, dist, f"importing {ep.value} raised {type(exc).__name__}: {exc}")
                 continue
             self._add(module, ep.name, dist, version)
+
+    def _load_builtins(self) -> None:
+        try:
+            version = importlib.metadata.version(BUILTIN_DISTRIBUTION)
+        except importlib.metadata.PackageNotFoundError:  # a source checkout that was never installed
+            version = "0+unknown"
+        for name, module_name in BUILTIN_PLUGINS.items():
+            try:
+                module = importlib.import_module(module_name)
+            except Exception as exc:  # a damaged install: the other built-ins and plugins still load
+                self._fail(name, BUILTIN_DISTRIBUTION, f"importing {module_name} raised {type(exc).__name__}: {exc}")
+                continue
+            if not self.pm.is_registered(module):
+                self._add(module, name, BUILTIN_DISTRIBUTION, version)
 
     def _add(self, plugin: object, name: str, distribution: str, version: str) -> bool:
         try:

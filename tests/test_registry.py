@@ -1,5 +1,6 @@
 """The plugin registry: built-ins through entry points, isolation of broken plugins, duplicates."""
 
+import json
 import warnings
 
 import pytest
@@ -171,3 +172,74 @@ def register_norms(register):
 """)
     with pytest.warns(PluginWarning, match="Literal"):
         get_registry().table
+
+
+# ------------------------------------------------------------------------------------------------
+# Built-ins without (or with stale) install metadata
+# ------------------------------------------------------------------------------------------------
+def _builtin_plugins(registry):
+    return sorted(p.name for p in registry.plugins() if p.distribution == "qtoy")
+
+
+def test_the_builtin_table_is_what_pyproject_declares():
+    import tomllib
+
+    from conftest import repo_root
+    from qtoy_registry.registry import BUILTIN_PLUGINS
+
+    declared = tomllib.loads((repo_root() / "pyproject.toml").read_text())["project"]["entry-points"]["qtoy"]
+    assert declared == BUILTIN_PLUGINS
+
+
+def test_with_metadata_each_builtin_registers_once():
+    from qtoy_registry.registry import BUILTIN_PLUGINS
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second registration of a module would warn
+        registry = get_registry()
+        registry.table
+    assert _builtin_plugins(registry) == sorted(BUILTIN_PLUGINS)
+    modules = [m for m in registry.pm.get_plugins() if getattr(m, "__name__", "").startswith("qtoy_plugins.")]
+    assert sorted(m.__name__ for m in modules) == sorted(BUILTIN_PLUGINS.values())
+
+
+def test_without_entry_point_metadata_qtoy_list_still_lists_the_builtins(monkeypatch):
+    """A source checkout on sys.path with no installed metadata: entry points find nothing."""
+    import importlib.metadata
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+    from in_process import qtoy
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda **_: [])
+    code, output = qtoy("list", "--json")
+    assert code == 0, output
+    rows = {(r["kind"], r["name"]): r["provider"] for r in json.loads(output)}
+    for key in [("attention", "quadratic"), ("attention", "bilinear"), ("mlp", "bilinear"), ("norm", "rmsnorm")]:
+        assert rows[key] == "qtoy", key
+    registry = get_registry()
+    assert {"rope", "learned"} <= set(registry.names("positional")) and "adam" in registry.names("optimizer")
+    assert "synthetic" in registry.names("dataset") and "dynamics" in registry.names("callback")
+
+
+def test_stale_metadata_neither_hides_nor_doubles_a_builtin(tmp_path, monkeypatch):
+    """Metadata of an older qtoy found first on sys.path: one entry point under an old module
+    name, the rest missing. Every built-in is there once, and nothing warns about the old name."""
+    import importlib
+
+    from qtoy_registry.registry import BUILTIN_PLUGINS
+
+    info = tmp_path / "qtoy-0.0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: qtoy\nVersion: 0.0.1\n")
+    (info / "entry_points.txt").write_text("[qtoy]\nattention = qtoy_plugins.attention_renamed_away\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    assert importlib.metadata.distribution("qtoy").version == "0.0.1"  # the stale metadata is what is seen
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        registry = get_registry()
+        assert "quadratic" in registry.names("attention")
+    assert _builtin_plugins(registry) == sorted(BUILTIN_PLUGINS)
+    assert registry.get("attention", "quadratic").provider.version == "0.0.1"
