@@ -16,14 +16,10 @@ import click
 @click.option("--batch-size", "batch_size", type=int, default=None, help="default: the run's")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 def eval_command(run, dataset, data_files, tokenizer, eval_iters, batch_size, as_json) -> None:
-    """Loss and perplexity of RUN on a validation stream."""
-    import math
-
-    import torch
-
+    """Loss and perplexity of RUN on a validation stream (per real token, as training reports it)."""
     from qtoy_core.data import StreamingTextDataset, build_dataset, check_vocab
     from qtoy_core.data.config import DataConfig
-    from qtoy_core.model import cross_entropy
+    from qtoy_core.evaluation import evaluate
     from qtoy_core.run_files import load_run, run_tokenizer_path
 
     model, run_tokenizer, doc = load_run(run)
@@ -41,32 +37,19 @@ def eval_command(run, dataset, data_files, tokenizer, eval_iters, batch_size, as
     source = build_dataset(data.dataset)
     check_vocab(model.config, source.tokenizer())
     train = doc.get("train", {})
-    stream = StreamingTextDataset(source, split="validation", n_ctx=model.config.n_ctx,
-                                  batch_size=batch_size or train.get("batch_size", 16), mode=data.mode,
-                                  seed=train.get("seed", 0), shuffle_buffer=data.shuffle_buffer,
-                                  tokenize_batch=data.tokenize_batch)
-    model.eval()
-    total, count, n = 0.0, 0.0, 0
-    with torch.no_grad():
-        for i, batch in enumerate(stream):
-            if i >= eval_iters:
-                break
-            tokens, mask = batch.tokens, batch.attention_mask
-            logits = model(tokens[:, :-1], None if mask is None else mask[:, :-1])
-            weight = float(mask[:, 1:].sum()) if mask is not None else tokens[:, 1:].numel()
-            total += cross_entropy(logits, tokens[:, 1:], None if mask is None else mask[:, 1:]).item() * weight
-            count += weight
-            n += 1
-    if n == 0:
+    stream = StreamingTextDataset.from_config(data, split="validation", n_ctx=model.config.n_ctx,
+                                              batch_size=batch_size or train.get("batch_size", 16),
+                                              seed=train.get("seed", 0), dataset=source)
+    scored = evaluate(model, stream, eval_iters)
+    if scored.batches == 0:
         raise click.ClickException("the validation stream produced no batch: the data is too small.")
-    loss = total / count
-    result = {"run": run, "dataset": data.dataset.name, "batches": n, "tokens": int(count), "loss": loss,
-              "perplexity": math.exp(min(loss, 50))}
+    result = {"run": run, "dataset": data.dataset.name, "batches": scored.batches, "tokens": scored.tokens,
+              "loss": scored.loss, "perplexity": scored.perplexity}
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
-        click.echo(f"{data.dataset.name}: loss {loss:.4f}  perplexity {result['perplexity']:.2f}  "
-                   f"({n} batches, {int(count):,} tokens)")
+        click.echo(f"{data.dataset.name}: loss {scored.loss:.4f}  perplexity {scored.perplexity:.2f}  "
+                   f"({scored.batches} batches, {scored.tokens:,} tokens)")
 
 
 @click.command("generate")

@@ -98,6 +98,7 @@ _LAZY = {
     # training (what a callback receives, and how to run one in a test)
     "Trainer": ".training.trainer",
     "RunConfig": ".training.config",
+    "evaluate": ".evaluation",
     # the optional tensor-network capability (qtoy_core.analysis.tensor_network)
     "TNBuilder": ".analysis.tensor_network",
     "Stream": ".analysis.tensor_network",
@@ -189,6 +190,7 @@ if TYPE_CHECKING:
     from .data.config import TextSplit
     from .data.hub import hub_file, url_file
     from .data.sources import HFSource, resolve_data_files
+    from .evaluation import evaluate
     from .interfaces import (
         MLP,
         Attention,

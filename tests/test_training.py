@@ -181,8 +181,10 @@ def test_cli_train_on_synthetic_lowers_validation_loss(tmp_path):
     assert (run / "tokenizer.json").exists()
     gen = _cli("generate", str(run), "--prompt", "Once upon a time", "--max-new-tokens", "12", "--seed", "0")
     assert gen.exit_code == 0 and gen.output.lower().startswith("once upon a time")
-    ev = _cli("eval", str(run), "--eval-iters", "2", "--json")
+    ev = _cli("eval", str(run), "--eval-iters", "4", "--json")
     assert ev.exit_code == 0 and json.loads(ev.output)["loss"] < first
+    # the same batches and the same final weights: `qtoy eval` says what training said (one evaluate)
+    assert json.loads(ev.output)["loss"] == pytest.approx(evals[-1], rel=1e-5)
     plot = _cli("plot", str(run))
     assert plot.exit_code == 0 and (run / "curves.png").stat().st_size > 10_000
 

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from qtoy_registry import QtoyError
 
+from ..evaluation import evaluate, tokens_and_mask
 from ..model import ToyTransformer, cross_entropy
 from ..optim import build_optimizer, load_optimizer_state
 from ..registry_access import build_component
@@ -69,6 +70,14 @@ class Distributed:
         dist.all_reduce(t)
         return t.item() / self.world_size
 
+    def sum(self, *values: float) -> list[float]:
+        """Each value summed over the ranks (the values themselves on one process)."""
+        if not self.enabled:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.tolist()
+
 
 class Trainer:
     """Train `config` into the run folder `out`. `resume=True` continues the run saved there.
@@ -117,12 +126,10 @@ class Trainer:
                 model["vocab_size"] = self.tokenizer.vocab_size
                 cfg = self.config = cfg.model_copy(update={"model": type(cfg.model).model_validate(model)})
             check_vocab(cfg.model, self.tokenizer)
-            common = dict(n_ctx=cfg.model.n_ctx, batch_size=cfg.train.batch_size, mode=cfg.data.mode,
-                          seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
-                          tokenize_batch=cfg.data.tokenize_batch, rank=self.world.rank,
-                          world_size=self.world.world_size)
-            self.train_stream = StreamingTextDataset(self.dataset, split="train", **common)
-            self.val_stream = StreamingTextDataset(self.dataset, split="validation", **common)
+            common = dict(n_ctx=cfg.model.n_ctx, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+                          rank=self.world.rank, world_size=self.world.world_size, dataset=self.dataset)
+            self.train_stream = StreamingTextDataset.from_config(cfg.data, split="train", **common)
+            self.val_stream = StreamingTextDataset.from_config(cfg.data, split="validation", **common)
             self._check_validation_split()
         else:
             self.train_stream, self.val_stream = self._given_train, self._given_val
@@ -210,12 +217,7 @@ class Trainer:
 
     def _batches(self, stream: Iterable) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         for batch in stream:
-            if isinstance(batch, torch.Tensor):
-                tokens, mask = batch, None
-            elif hasattr(batch, "tokens"):
-                tokens, mask = batch.tokens, batch.attention_mask
-            else:
-                tokens, mask = batch
+            tokens, mask = tokens_and_mask(batch)
             yield tokens.to(self.device, non_blocking=True), None if mask is None else mask.to(self.device)
 
     # -- the loop --------------------------------------------------------------------------------
@@ -341,24 +343,18 @@ class Trainer:
             self.skipped_total += 1
         return total, grad_norm, finite
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean loss over the first eval_iters validation batches (the same batches every time)."""
+        """Loss per real target token over the first eval_iters validation batches (the same batches
+        every time), over every rank's batches together (`qtoy_core.evaluation.evaluate`)."""
         if self.val_stream is None:
             return {}
-        self.model.eval()
-        losses = []
-        for i, (tokens, mask) in enumerate(self._batches(self.val_stream)):
-            if i >= self.config.train.eval_iters:
-                break
-            with self.precision.autocast():
-                logits = self.model(tokens[:, :-1], None if mask is None else mask[:, :-1])
-            losses.append(cross_entropy(logits, tokens[:, 1:], None if mask is None else mask[:, 1:]).item())
-        self.model.train()
-        if not losses:
+        result = evaluate(self.model, self.val_stream, self.config.train.eval_iters, device=self.device,
+                          autocast=self.precision.autocast)
+        if not result.batches:
             raise TrainingStopped("The validation split produced no batch: the dataset is too small for its "
                                   "validation fraction. Add data or raise val_fraction (--set data.dataset.val_fraction=0.1).")
-        val = self.world.mean(sum(losses) / len(losses))
+        loss_sum, tokens = self.world.sum(result.loss_sum, result.tokens)
+        val = loss_sum / tokens if tokens else math.nan
         self.last_eval = {"step": self.step, "tokens": self.tokens, "val_loss": val, "val_ppl": math.exp(min(val, 50))}
         if self.world.is_main:
             self.run.append_metrics([self.last_eval])
