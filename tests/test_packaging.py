@@ -20,6 +20,11 @@ def test_wheel_top_level_names_and_entry_points(tmp_path):
     for generic in ("cli", "registry", "plugins", "tests"):
         assert generic not in top
     assert "qtoy_plugins/attention/quadratic.py" in names
+    from qtoy_cli.new_plugin import KINDS
+
+    for kind, spec in KINDS.items():  # `qtoy new-plugin`'s templates are package data
+        assert f"qtoy_cli/templates/new_plugin/{spec['impl_module']}.py.tmpl" in names
+        assert f"qtoy_cli/templates/new_plugin/fields/{kind}.py.tmpl" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "[qtoy]" in text and "qtoy_plugins.attention" in text

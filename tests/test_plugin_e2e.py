@@ -12,6 +12,7 @@ Marked slow (it is the longest part of the suite) but part of the default run.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import shutil
@@ -349,3 +350,71 @@ def test_new_plugin_covers_every_kind_and_its_files_compile(tmp_path):
                 compile(text, path, "exec")
         pyproject = files["pyproject.toml"]
         assert f'[project.entry-points.qtoy]\nqtoy_x_{kind} = "qtoy_x_{kind}"' in pyproject
+
+
+# ------------------------------------------------------------------------------------------------
+# The example plugin and the new-plugin templates share one structure (they cannot drift apart)
+# ------------------------------------------------------------------------------------------------
+def _without_docstrings(tree):
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(body, list) and body and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree)
+
+
+def _registrations(source: str) -> dict[str, tuple[str, str]]:
+    """hook name -> (base of the config class it registers, module of the lazy reference)."""
+    tree = ast.parse(source)
+    bases = {c.name: c.bases[0].id for c in tree.body if isinstance(c, ast.ClassDef)}
+    out = {}
+    for fn in tree.body:
+        if isinstance(fn, ast.FunctionDef) and [d.id for d in fn.decorator_list] == ["hookimpl"]:
+            assert [a.arg for a in fn.args.args] == ["register"], fn.name
+            (stmt,) = fn.body
+            config, reference = stmt.value.args
+            out[fn.name] = (bases[config.id], reference.value.partition(":")[0])
+    return out
+
+
+def _jsonl_calls(source: str) -> dict[str, str]:
+    """method -> the run-folder JSONL call it makes (helper, file argument, keywords)."""
+    out = {}
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.FunctionDef):
+            for call in ast.walk(node):
+                if isinstance(call, ast.Call) and getattr(call.func, "id", "") in ("append_jsonl", "truncate_jsonl"):
+                    out[node.name] = ast.dump(ast.Call(call.func, call.args[:1], call.keywords))
+    return out
+
+
+def test_the_example_plugin_keeps_the_structure_of_the_new_plugin_templates():
+    from qtoy_cli.new_plugin import KINDS, names_for, render
+
+    names = names_for("qtoy-example-plugin", None)
+    src = EXAMPLE / "src" / "qtoy_example_plugin"
+    example_pyproject = tomllib.loads((EXAMPLE / "pyproject.toml").read_text())
+    example_hooks = _registrations((src / "__init__.py").read_text())
+    kinds = ["attention", "mlp", "dataset", "callback"]
+    assert len(example_hooks) == len(kinds)
+    for kind in kinds:
+        skeleton = render(kind, names)
+        # pyproject: build backend, the `qtoy` entry point named by the import name, src layout, tests
+        pyproject = tomllib.loads(skeleton["pyproject.toml"])
+        assert pyproject["build-system"] == example_pyproject["build-system"]
+        assert pyproject["project"]["entry-points"] == example_pyproject["project"]["entry-points"]
+        for key in ("requires-python", "dependencies", "optional-dependencies"):
+            assert pyproject["project"][key] == example_pyproject["project"][key], key
+        assert pyproject["tool"] == example_pyproject["tool"]
+        # the hook: its name, the config base, the lazy reference into <impl_module>.py
+        (hook,) = _registrations(skeleton[f"src/{names['__MODULE__']}/__init__.py"]).items()
+        assert example_hooks[hook[0]] == hook[1], kind
+        assert (src / f"{KINDS[kind]['impl_module']}.py").is_file()
+        # the test fixtures, statement for statement
+        assert _without_docstrings(ast.parse(skeleton["tests/conftest.py"])) == \
+            _without_docstrings(ast.parse((EXAMPLE / "tests" / "conftest.py").read_text())), kind
+    callback = render("callback", names)[f"src/{names['__MODULE__']}/callback.py"]
+    assert _jsonl_calls(callback) == {k: v for k, v in _jsonl_calls((src / "callback.py").read_text()).items()
+                                      if k in ("on_train_start", "on_step_end")}
+    assert set(_jsonl_calls(callback)) == {"on_train_start", "on_step_end"}

@@ -19,7 +19,7 @@ DISTRIBUTION = "qtoy-example-plugin"
 
 
 @pytest.fixture(autouse=True)
-def _cache(monkeypatch, tmp_path_factory):
+def _offline_cache(monkeypatch, tmp_path_factory):
     """Trained tokenizers go to a temporary cache, not the user's."""
     monkeypatch.setenv("QTOY_CACHE", str(tmp_path_factory.getbasetemp() / "qtoy-cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
