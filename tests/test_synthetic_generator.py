@@ -16,6 +16,8 @@ from functools import lru_cache
 import pytest
 
 from qtoy_plugins.data.synthetic import generator as G
+from qtoy_plugins.data.synthetic import lexicon as L
+from qtoy_plugins.data.synthetic import writer as W
 from qtoy_plugins.data.synthetic.generator import (
     GENERATOR_VERSION,
     LABELS,
@@ -146,11 +148,11 @@ def test_entropy_is_the_sum_of_the_logged_choices():
     for i in range(50):
         w = g._writer(i)
         st = w.result()
-        assert len(w.ch) == st.choices
-        assert all(n >= 0 for n in w.ch)
-        assert st.entropy_nats == math.fsum(w.ch)
+        assert len(w.choice_nats) == st.choices
+        assert all(n >= 0 for n in w.choice_nats)
+        assert st.entropy_nats == math.fsum(w.choice_nats)
         # the span bookkeeping (where each choice is charged) is independent of the log
-        assert abs(math.fsum(n for _, _, n in w.M) - st.entropy_nats) < 1e-9
+        assert abs(math.fsum(n for _, _, n in w.marks) - st.entropy_nats) < 1e-9
 
 
 # ----------------------------------------------------------------------------- planted structure
@@ -256,7 +258,7 @@ def test_fixed_phrases_are_fixed_after_their_first_word():
 
 
 def test_counting_sequences():
-    words = G._tables()["number"]
+    words = L._tables()["number"]
     n = 0
     for st in stories(27, 1.0, 300):
         for m in re.finditer(r"saw (\w+) [a-z ]+\. (?:He|She|They) counted them: ([a-z, ]+)\.",
@@ -320,15 +322,15 @@ def test_difficulty_makes_stories_longer_and_less_predictable():
 
 # ----------------------------------------------------------------------------- entropy is right
 
-def _writer(difficulty: float, seed: int) -> "G._Writer":
-    return G._Writer(G._lex(difficulty), random.Random(seed))
+def _writer(difficulty: float, seed: int) -> "W.Writer":
+    return W.Writer(L._lex(difficulty), random.Random(seed))
 
 
 def test_hazard_steps_sum_to_the_length_choice():
     for lo, hi in ((1, 1), (2, 3), (2, 7), (3, 9), (1, 4)):
         total = 0.0
         for L in range(lo, hi + 1):
-            nats = math.fsum(G._hz(m, L, lo, hi) for m in range(1, L + 1))
+            nats = math.fsum(W._hz(m, L, lo, hi) for m in range(1, L + 1))
             assert nats == pytest.approx(math.log(hi - lo + 1))
             total += math.exp(-nats)
         assert total == pytest.approx(1.0)
@@ -336,7 +338,7 @@ def test_hazard_steps_sum_to_the_length_choice():
 
 def test_pool_probabilities():
     for d in (0.0, 1.0):
-        lex = G._lex(d)
+        lex = L._lex(d)
         for pool in (lex.thing, lex.food, lex.opener, lex.places[0], lex.adverb):
             assert math.fsum(pool.p) == pytest.approx(1.0)
             assert all(abs(math.exp(-n) - p) < 1e-12 for n, p in zip(pool.nl, pool.p))
@@ -357,7 +359,7 @@ def _check_enumerated(outcomes: dict[str, list[float]], n: int) -> None:
 def test_lexicon_keeps_choices_identifiable_from_the_text():
     """Guards of exactness: an optional adjective followed by a noun must not spell another noun
     of the same slot, list items must not contain ' and ', places must tell their habitat."""
-    t = G._tables()
+    t = L._tables()
     pairs = [(t["adj_person"], [k for ks in t["kinds"] for k in ks])]
     pairs += [(t["adj_person"], an) for an in t["animals"]]
     pairs += [(t["adj_thing"], t["toy"]), (t["adj_thing"], t["tree"])]
@@ -369,8 +371,8 @@ def test_lexicon_keeps_choices_identifiable_from_the_text():
     places = [p for ps in t["places"] for p in ps]
     assert len(places) == len(set(places))
     # no two entries of one pool read the same (the text must tell which one was drawn)
-    lex = G._lex(1.0)
-    pools = [v for v in vars(lex).values() if isinstance(v, G._Pool)]
+    lex = L._lex(1.0)
+    pools = [v for v in vars(lex).values() if isinstance(v, L._Pool)]
     pools += [p for k in ("kinds", "places", "animals", "finds") for p in getattr(lex, k)]
     for pool in pools:
         surface = [x[0] if isinstance(x, tuple) else x for x in pool.items]
@@ -381,23 +383,23 @@ def test_lexicon_keeps_choices_identifiable_from_the_text():
 
 
 def test_list_choice_matches_empirical_frequencies():
-    lex = G._lex(0.5)
-    pool = G._Pool([G._noun(w) for w in ("cup", "map", "~honey", "apple")], s=1.0)
+    lex = L._lex(0.5)
+    pool = L._Pool([L._noun(w) for w in ("cup", "map", "~honey", "apple")], s=1.0)
     outcomes: dict[str, list[float]] = defaultdict(list)
     n = 30000
     for k in range(n):
-        w = G._Writer(lex, random.Random(k))
+        w = W.Writer(lex, random.Random(k))
         w.noun_list(pool, 2, 3)
-        nats = math.fsum(w.ch)
-        assert abs(math.fsum(x for _, _, x in w.M) - nats) < 1e-12
+        nats = math.fsum(w.choice_nats)
+        assert abs(math.fsum(x for _, _, x in w.marks) - nats) < 1e-12
         outcomes[w.text()].append(nats)
     assert len(outcomes) == 4 * 3 + 4 * 3 * 2     # ordered lists of 2 or 3 distinct items
     _check_enumerated(outcomes, n)
 
 
 def test_made_up_names_match_empirical_frequencies_including_exclusion():
-    lex = G._lex(0.5)        # names of 2..3 syllables
-    tiny = G._Lex.__new__(G._Lex)
+    lex = L._lex(0.5)        # names of 2..3 syllables
+    tiny = L._Lex.__new__(L._Lex)
     tiny.__dict__.update(lex.__dict__)
     tiny.onset, tiny.vowel = ("B", "Kr"), ("a", "oo")
     tiny.medial, tiny.coda = ("l", "nd"), ("", "x")
@@ -406,11 +408,11 @@ def test_made_up_names_match_empirical_frequencies_including_exclusion():
         outcomes: dict[str, list[float]] = defaultdict(list)
         n = 25000
         for k in range(n):
-            w = G._Writer(tiny, random.Random(k))
-            w.names = dict(taken)     # a name already in the story is never drawn again
+            w = W.Writer(tiny, random.Random(k))
+            w.name_nats = dict(taken)     # a name already in the story is never drawn again
             name = w.new_name()
             assert name not in taken
-            outcomes[name].append(math.fsum(w.ch))
+            outcomes[name].append(math.fsum(w.choice_nats))
         assert len(outcomes) == 2 * 2 * 2 * 2 * 2 + 2 * 2 * 4 * 4 * 2 - len(taken)
         _check_enumerated(outcomes, n)
 

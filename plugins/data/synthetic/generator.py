@@ -28,8 +28,10 @@ story comes with ground truth:
 Only the standard library is used; output does not depend on PYTHONHASHSEED. Story ``i`` of a seed
 is generated alone from a private ``random.Random`` seeded by a BLAKE2 hash of
 ``(seed, i, GENERATOR_VERSION)``, so any story can be regenerated without its predecessors.
-The word lists live in ``lexicon.txt`` next to this file; the planted structure is documented in
-``README.md`` and, machine-readably, by :func:`describe_structure`.
+The word lists live in ``lexicon.txt`` next to this file (parsed in lexicon.py); writer.py holds
+the writer (text pieces, labels, the nats of every choice) and this module the episode scripts
+that drive it. The planted structure is documented in ``README.md`` and, machine-readably, by
+:func:`describe_structure`.
 """
 
 from __future__ import annotations
@@ -37,13 +39,12 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-import re
 from bisect import bisect_right
-from dataclasses import dataclass
-from functools import lru_cache
 from itertools import accumulate, count
-from pathlib import Path
 from typing import Iterator
+
+from .lexicon import _HABITATS, _article, _lex, _tables, difficulty_parameters, vocabulary
+from .writer import LABELS, Span, Story, Writer, _Frame, _hz
 
 __all__ = [
     "GENERATOR_VERSION",
@@ -56,327 +57,9 @@ __all__ = [
     "vocabulary",
 ]
 
+
 #: Bump whenever the text produced for a (seed, index, difficulty) changes; used as a cache key.
 GENERATOR_VERSION = "1.0"
-
-#: The span labels, in a fixed order.
-LABELS = ("fixed", "copyable", "free")
-_FX, _CP, _FR = 0, 1, 2
-
-_LEXICON_PATH = Path(__file__).with_name("lexicon.txt")
-
-
-@dataclass(frozen=True, slots=True)
-class Span:
-    """Characters ``text[start:end]`` of a story, their label and the nats they carry."""
-
-    start: int
-    end: int
-    label: str  # one of LABELS
-    nats: float
-
-
-@dataclass(frozen=True)
-class Story:
-    """One generated story with its ground truth.
-
-    ``episodes`` lists the episode types in order of appearance ("opening", "journey", ...,
-    "ending"); episodes nested inside a dream or a story-within-the-story are prefixed with
-    their container's path ("dream/count", "tale/meet"). ``characters`` lists every made-up
-    character name with the subject pronoun the story settled on ("he", "she", "they"; "" if the
-    story never used a pronoun for that character). ``choices`` is the number of random choices.
-    """
-
-    text: str
-    entropy_nats: float
-    spans: tuple[Span, ...]
-    episodes: tuple[str, ...]
-    characters: tuple[tuple[str, str], ...] = ()
-    choices: int = 0
-
-
-# --------------------------------------------------------------------------------------- lexicon
-
-_AN_PREFIXES = ("hour", "honest", "honour", "heir")
-_A_PREFIXES = ("uni", "use", "usu", "eu", "one", "once", "ewe", "uk", "ut")
-
-
-def _article(word: str) -> str:
-    w = word.lower()
-    if w.startswith(_AN_PREFIXES):
-        return "an"
-    if w.startswith(_A_PREFIXES):
-        return "a"
-    return "an" if w[0] in "aeiou" else "a"
-
-
-def _plural_word(w: str) -> str:
-    if w.endswith(("s", "x", "z", "ch", "sh")):
-        return w + "es"
-    if w.endswith("y") and len(w) > 1 and w[-2] not in "aeiou":
-        return w[:-1] + "ies"
-    return w + "s"
-
-
-def _plural(phrase: str) -> str:
-    for sep in (" of ", " in ", " and "):
-        if sep in phrase:
-            head, tail = phrase.split(sep, 1)
-            return _plural(head) + sep + tail
-    if " " in phrase:
-        head, last = phrase.rsplit(" ", 1)
-        return head + " " + _plural_word(last)
-    return _plural_word(phrase)
-
-
-@lru_cache(maxsize=1)
-def _raw_lexicon() -> dict[str, tuple[str, ...]]:
-    """Sections of lexicon.txt -> entries in file order, duplicates dropped."""
-    sections: dict[str, list[str]] = {}
-    seen: dict[str, set[str]] = {}
-    cur = None
-    lines_mode = False
-    for line in _LEXICON_PATH.read_text(encoding="utf-8").splitlines():
-        s = line.strip()
-        if not s or s.startswith("#"):
-            continue
-        if s.startswith("@"):
-            head = s[1:].split()
-            cur = head[0]
-            lines_mode = len(head) > 1 and head[1] == "lines"
-            sections.setdefault(cur, [])
-            seen.setdefault(cur, set())
-            continue
-        if cur is None:
-            raise ValueError(f"lexicon.txt: entry before the first section: {s!r}")
-        for e in [s] if lines_mode else s.split():
-            if e not in seen[cur]:
-                seen[cur].add(e)
-                sections[cur].append(e)
-    return {k: tuple(v) for k, v in sections.items()}
-
-
-def _noun(raw: str) -> tuple[str, str, str, bool]:
-    """'~honey' / 'mouse|mice' / 'teddy_bear' -> (singular, 'a singular', plural, is_mass)."""
-    mass = raw.startswith("~")
-    raw = raw.lstrip("~")
-    sg, _, pl = raw.partition("|")
-    sg = sg.replace("_", " ")
-    if mass:
-        return (sg, "some " + sg, sg, True)
-    pl = pl.replace("_", " ") if pl else _plural(sg)
-    return (sg, _article(sg) + " " + sg, pl, False)
-
-
-def _adj(raw: str) -> tuple[str, str]:
-    w = raw.replace("_", " ")
-    return (w, _article(w) + " " + w)
-
-
-def _phrases(lines) -> tuple[tuple[str, str], ...]:
-    """Split each phrase into (shortest word prefix telling it apart from the others, rest)."""
-    words = [ln.replace("_", " ").split(" ") for ln in lines]
-    out = []
-    for w in words:
-        for k in range(1, len(w) + 1):
-            if sum(1 for o in words if o[:k] == w[:k]) == 1:
-                break
-        out.append((" ".join(w[:k]), "".join(" " + t for t in w[k:])))
-    return tuple(out)
-
-
-_HABITATS = ("farm", "forest", "beach", "river", "mountain", "jungle", "desert", "arctic",
-             "garden", "town", "castle")
-
-
-@lru_cache(maxsize=1)
-def _tables() -> dict:
-    """Difficulty-independent parsed tables."""
-    raw = _raw_lexicon()
-    t: dict = {"raw": raw}
-    nouns = lambda sec: tuple(_noun(e) for e in raw[sec])  # noqa: E731
-    # places are unique across habitats, so a place word tells its habitat
-    seen_places: set[str] = set()
-    places, animals, finds = [], [], []
-    for h in _HABITATS:
-        ps = []
-        for e in raw["place." + h]:
-            p = e.replace("_", " ")
-            if p not in seen_places:
-                seen_places.add(p)
-                ps.append(p)
-        places.append(tuple(ps))
-        animals.append(nouns("animal." + h))
-        finds.append(nouns("find." + h))
-    t["places"], t["animals"], t["finds"] = tuple(places), tuple(animals), tuple(finds)
-    kinds_she, kinds_he, kinds_any = nouns("kind_she"), nouns("kind_he"), nouns("kind_any")
-    taken = {k[0] for k in kinds_she + kinds_he + kinds_any}
-    if len(taken) != len(kinds_she) + len(kinds_he) + len(kinds_any):
-        raise ValueError("lexicon.txt: a character kind is listed in two kind sections")
-    kinds_animal, seen_a = [], set(taken)
-    for hab in animals:
-        for a in hab:
-            if a[0] not in seen_a:
-                seen_a.add(a[0])
-                kinds_animal.append(a)
-    t["kinds"] = (kinds_she, kinds_he, kinds_any, tuple(kinds_animal))
-    for sec in ("thing", "toy", "clothing", "bag", "house", "furniture", "tool", "instrument",
-                "vehicle", "flower", "tree", "food_count"):
-        t[sec] = nouns(sec)
-    # interleave count and mass foods so that both occur among the frequent ranks
-    fc, fm = nouns("food_count"), nouns("food_mass")
-    food, seen_f = [], set()
-    for i in range(max(len(fc), len(fm))):
-        for f in ([fc[i]] if i < len(fc) else []) + ([fm[i]] if i < len(fm) else []):
-            if f[0] not in seen_f:
-                seen_f.add(f[0])
-                food.append(f)
-    t["food"] = tuple(food)
-    for sec in ("adj_person", "adj_thing"):
-        t[sec] = tuple(_adj(e) for e in raw[sec])
-    for sec in ("adj_place", "colour", "feeling", "taste", "adverb", "say", "songverb", "body",
-                "activity", "game", "prep", "settlement", "exclaim", "drink"):
-        t[sec] = tuple(e.replace("_", " ") for e in raw[sec])
-    t["move"] = tuple(e.split("|")[0] for e in raw["move"])
-    for sec in ("opener", "when", "closer", "moral", "greeting", "thanks", "ability"):
-        t[sec] = _phrases(raw[sec])
-    t["family"] = tuple((e.split(":")[0].replace("_", " "), e.split(":")[1]) for e in raw["family"])
-    assoc = lambda sec: {a.replace("_", " "): b.replace("_", " ")  # noqa: E731
-                         for a, b in (e.split(":", 1) for e in raw[sec])}
-    t["sound"], t["baby"], t["home"] = assoc("sound"), assoc("baby"), assoc("home")
-    t["job"] = tuple(tuple(f.replace("_", " ") for f in e.split(":")) for e in raw["job"])
-    wsent = _phrases([e.split(":")[1] for e in raw["weather"]])
-    t["weather"] = tuple((h, tl, tuple(f.replace("_", " ") for f in e.split(":")[2:]))
-                         for (h, tl), e in zip(wsent, raw["weather"]))
-    opp = tuple(tuple(e.split(":")) for e in raw["opposite"])
-    flat = [w for pair in opp for w in pair]
-    if len(flat) != len(set(flat)):
-        raise ValueError("lexicon.txt: a word appears in two opposite pairs")
-    t["opposite"] = opp
-    t["number"] = raw["number"]
-    # made-up names: consonant runs and vowel runs alternate, so the parse is unique
-    t["name_onset"], t["name_vowel"] = raw["name_onset"], raw["name_vowel"]
-    t["name_medial"] = raw["name_medial"]
-    t["name_coda"] = tuple(c.replace("_", "") for c in raw["name_coda"])
-    vow = set("aeiou")
-    for c in t["name_onset"] + t["name_medial"] + t["name_coda"]:
-        if vow & set(c.lower()):
-            raise ValueError(f"lexicon.txt: name consonant cluster with a vowel: {c!r}")
-    for v in t["name_vowel"]:
-        if not set(v) <= vow:
-            raise ValueError(f"lexicon.txt: name vowel with a consonant: {v!r}")
-    t["town_onset"], t["town_suffix"] = raw["town_onset"], raw["town_suffix"]
-    towns = [a + b for a in t["town_onset"] for b in t["town_suffix"]]
-    if len(towns) != len(set(towns)):
-        raise ValueError("lexicon.txt: two (onset, suffix) pairs spell the same town name")
-    return t
-
-
-@lru_cache(maxsize=1)
-def vocabulary() -> frozenset[str]:
-    """Every real (lower-case) word the lexicon can put into a story, excluding made-up names."""
-    raw = _raw_lexicon()
-    words: set[str] = set()
-    skip = ("name_onset", "name_vowel", "name_medial", "name_coda", "town_onset", "town_suffix")
-    for sec, entries in raw.items():
-        if sec in skip:
-            continue
-        for e in entries:
-            if sec == "move":       # "ran|run": only the past tense is ever written
-                e = e.split("|")[0]
-            for field in re.split(r"[:|]", e.lstrip("~")):
-                for w in re.findall(r"[A-Za-z][A-Za-z'-]*", field.replace("_", " ")):
-                    words.add(w.lower())
-    t = _tables()
-    for pool in (t["kinds"] + t["animals"] + t["finds"] + (t["thing"], t["toy"], t["food"])):
-        for n in pool:
-            words.update(w.lower() for w in n[2].split())
-    return frozenset(words)
-
-
-# --------------------------------------------------------------------------------------- pools
-
-class _Pool:
-    """A categorical distribution over a prefix of a list, Zipf weights ``(rank + 1) ** -s``."""
-
-    __slots__ = ("items", "n", "cum", "tot", "nl", "p", "uni")
-
-    def __init__(self, items, s: float = 0.0, frac: float = 1.0, min_n: int = 12):
-        items = tuple(items)
-        n = len(items)
-        if frac < 1.0:
-            n = max(min(min_n, n), int(math.ceil(frac * n)))
-        self.items = items[:n]
-        self.n = n
-        w = [(k + 1.0) ** -s for k in range(n)]
-        self.uni = s == 0.0
-        cum = list(accumulate(w))
-        self.tot = tot = cum[-1]
-        self.cum = [c / tot for c in cum]     # normalised: bisect a uniform u in [0, 1)
-        self.cum[-1] = 1.0
-        self.p = [x / tot for x in w]
-        self.nl = [-math.log(p) for p in self.p]
-
-
-@dataclass(frozen=True)
-class _Params:
-    difficulty: float
-    vocab_fraction: float   # prefix of each word list in use
-    zipf: float             # exponent of the rank weights
-    episodes_min: int
-    episodes_max: int
-    p_stop: float           # chance to end after each episode beyond episodes_min
-    list_max: int           # packed/eaten lists have 2..list_max items
-    count_max: int          # counting sequences run 3..count_max
-    search_max: int         # hide-and-seek / lost-and-found searches 1..search_max places
-    gap_max: int            # sentences between "A gave B the Z" and "Thank you, A" 0..gap_max
-    max_chars: int          # characters per (sub)story, hero included
-    max_depth: int          # nesting depth of dreams / stories within the story
-    sub_max: int            # episodes inside a dream or inner story 1..sub_max
-    name_syllables_max: int  # made-up names have 2..name_syllables_max syllables
-    p_adj: float            # chance of an optional adjective
-    p_adv: float            # chance of an optional adverb after a movement verb
-    p_tag_adv: float        # chance of an optional adverb after 'said A'
-    refrains: int           # times a song's refrain is repeated
-    max_nests: int          # dreams + inner stories per story
-
-
-def difficulty_parameters(difficulty: float) -> dict:
-    """The knobs a difficulty in [0, 1] sets (for docs and `qtoy data preview`)."""
-    return dict(_params(float(difficulty)).__dict__)
-
-
-def _params(d: float) -> _Params:
-    if not 0.0 <= d <= 1.0:
-        raise ValueError(f"difficulty must be within [0, 1], got {d}")
-
-    def up(lo: int, span: int) -> int:       # lo + span * d, rounded half up
-        return lo + int(span * d + 0.5)
-
-    def lin(a: float, b: float) -> float:    # a + (b - a) * d
-        return round(a + (b - a) * d, 9)
-
-    return _Params(
-        difficulty=d,
-        vocab_fraction=lin(0.25, 1.0),
-        zipf=lin(1.0, 0.5),
-        episodes_min=up(2, 2),
-        episodes_max=up(4, 5),
-        p_stop=lin(0.4, 0.25),
-        list_max=up(3, 4),
-        count_max=up(5, 4),
-        search_max=up(2, 2),
-        gap_max=up(0, 3),
-        max_chars=up(2, 3),
-        max_depth=up(1, 1),
-        sub_max=up(1, 1),
-        name_syllables_max=up(2, 2),
-        p_adj=lin(0.3, 0.85),
-        p_adv=lin(0.2, 0.7),
-        p_tag_adv=lin(0.1, 0.5),
-        refrains=up(1, 1),
-        max_nests=up(1, 1),
-    )
 
 
 # episode table: name, weight, requirements. Episodes not in _REPEATABLE happen at most once per
@@ -424,393 +107,19 @@ _EPISODE_DOC = {
     "ending": "going home (town/house copied), optional recap of the places visited in order, "
               "optional moral, closer ('The end.')",
 }
-
-_PR = (
-    ("he", "him", "his", "He", "His", "was"),
-    ("she", "her", "her", "She", "Her", "was"),
-    ("they", "them", "their", "They", "Their", "were"),
-)
-_KIND_P = (0.25, 0.25, 0.2, 0.3)          # she-kinds, he-kinds, other people, animals
-_GENDER_P = (0.45, 0.45, 0.10)            # lazily chosen pronoun of a gender-neutral kind
 _ROUTES = ("over", "under", "around", "across", "through", "past")
-_LOG = [0.0] + [math.log(k) for k in range(1, 1025)]
 
 
-class _Lex:
-    """Pools and parameters for one difficulty."""
-
-    def __init__(self, d: float):
-        t = _tables()
-        p = self.params = _params(d)
-        s, frac = p.zipf, p.vocab_fraction
-
-        def pool(items, full=False, zipf=None):
-            return _Pool(items, s if zipf is None else zipf, 1.0 if full else frac)
-
-        self.kinds = tuple(pool(k) for k in t["kinds"])
-        self.kind_p = _KIND_P
-        self.kind_nl = tuple(-math.log(x) for x in _KIND_P)
-        self.gender_nl = tuple(-math.log(x) for x in _GENDER_P)
-        self.places = tuple(pool(x) for x in t["places"])
-        self.animals = tuple(pool(x) for x in t["animals"])
-        self.finds = tuple(pool(x) for x in t["finds"])
-        self.n_hab = len(_HABITATS)
-        self.all_animals = pool(t["kinds"][3])
-        self.all_places = pool([pl for ps in t["places"] for pl in ps])
-        for sec in ("thing", "toy", "clothing", "bag", "house", "furniture", "tool", "instrument",
-                    "vehicle", "flower", "tree", "food", "food_count", "adj_person", "adj_thing",
-                    "adj_place", "colour", "feeling", "taste", "adverb", "say", "songverb",
-                    "body", "activity", "game", "move", "family", "job", "opposite", "drink"):
-            setattr(self, sec, pool(t[sec]))
-        for sec in ("opener", "when", "closer", "moral", "greeting", "thanks", "ability",
-                    "weather", "exclaim", "settlement"):
-            setattr(self, sec, pool(t[sec], full=True, zipf=0.5 * s))
-        self.prep = pool(t["prep"], full=True, zipf=0.0)
-        self.sound, self.baby, self.home = t["sound"], t["baby"], t["home"]
-        self.number = t["number"]
-        self.onset, self.vowel = t["name_onset"], t["name_vowel"]
-        self.medial, self.coda = t["name_medial"], t["name_coda"]
-        self.town_onset, self.town_suffix = t["town_onset"], t["town_suffix"]
-        self.episode_cache: dict = {}
-
-
-@lru_cache(maxsize=16)
-def _lex(d: float) -> _Lex:
-    return _Lex(d)
-
-
-# --------------------------------------------------------------------------------------- writer
-
-class _Char:
-    __slots__ = ("name", "kind", "g")
-
-    def __init__(self, name: str, kind: str, g: int):
-        self.name, self.kind, self.g = name, kind, g
-
-
-class _Frame:
-    """What a (sub)story knows: its characters and the things that can be recalled."""
-
-    __slots__ = ("hero", "chars", "town", "house", "place", "hab", "visited", "bag", "packed",
-                 "gifts", "items", "fav", "used")
-
-    def __init__(self):
-        self.hero = None
-        self.chars: list[_Char] = []
-        self.town = self.house = self.place = self.bag = self.fav = None
-        self.hab = -1
-        self.used = 0       # bit mask of the one-off episode types already told
-        self.visited: list[str] = []
-        self.packed: list[str] = []
-        self.gifts: list[tuple[_Char, _Char, str]] = []
-        self.items: list[tuple[_Char, str]] = []
-
-
-class _Writer:
-    """Writes one story: text pieces, labels of the non-fixed pieces, and every choice's nats."""
-
-    def __init__(self, lex: _Lex, rng: random.Random, spans: bool = True):
-        self.x = lex
-        self.p = lex.params
-        self.r = rng.random
-        self.T: list[str] = []                          # text pieces
-        self.M: list[tuple[int, int, float]] = []       # (piece index, label, nats), non-fixed
-        self.pn = 0.0                                   # nats waiting for the next fixed/free span
-        self.ch: list[float] = []                       # nats of every random choice
-        self.names: dict[str, float] = {}
-        self.towns: dict[str, float] = {}
-        self.eps: list[str] = []
-        self.all_chars: list[_Char] = []
-        self.f = _Frame()
-        self.depth = 0
-        self.nests = 0
-        self.prefix = ""
-        if not spans:
-            # text only: same random draws, no labels (instance attributes shadow the methods)
-            app = self.T.append
-            self.fx = app
-            self.fr = self.cp = lambda s, n=0.0: app(s)
-            self.pend = _ignore
-
-    # ---- emitting text
-    def fx(self, s: str) -> None:
-        """Template text: fixed, unless a pending choice is revealed here (then its first word
-        becomes a free span carrying the pending nats)."""
-        if self.pn:
-            i = s.find(" ", 1)
-            T = self.T
-            if i > 0:
-                T.append(s[:i])
-                self.M.append((len(T) - 1, _FR, self.pn))
-                T.append(s[i:])
-            else:
-                T.append(s)
-                self.M.append((len(T) - 1, _FR, self.pn))
-            self.pn = 0.0
-        else:
-            self.T.append(s)
-
-    def fr(self, s: str, n: float) -> None:
-        """Text realising a random choice that carries ``n`` nats (+ any pending nats)."""
-        T = self.T
-        T.append(s)
-        n += self.pn
-        if n:                       # a one-option "choice" is just fixed text
-            self.M.append((len(T) - 1, _FR, n))
-            self.pn = 0.0
-
-    def cp(self, s: str, n: float = 0.0) -> None:
-        T = self.T
-        T.append(s)
-        self.M.append((len(T) - 1, _CP, n))
-
-    def pend(self, n: float) -> None:
-        self.pn += n
-
-    # ---- random choices (each logs its nats once)
-    def pick(self, pool: _Pool):
-        if pool.uni:
-            i = int(self.r() * pool.n)
-        else:
-            i = bisect_right(pool.cum, self.r())   # < n as cum[-1] == 1.0 > u
-        n = pool.nl[i]
-        self.ch.append(n)
-        return pool.items[i], n
-
-    def pick_ex(self, pool: _Pool, ex: list[int]):
-        """Like pick, excluding the indices in ``ex`` (exact conditional probability)."""
-        r, cum, nn = self.r, pool.cum, pool.n
-        while True:
-            i = int(r() * nn) if pool.uni else bisect_right(cum, r())
-            if i not in ex:
-                break
-        n = pool.nl[i]
-        if ex:
-            n += math.log1p(-sum(pool.p[j] for j in ex))
-        self.ch.append(n)
-        return i, n
-
-    def uni(self, k: int):
-        if k <= 1:
-            return 0, 0.0
-        i = int(self.r() * k)
-        n = _LOG[k]
-        self.ch.append(n)
-        return i, n
-
-    def bern(self, p: float):
-        if self.r() < p:
-            n = -math.log(p)
-            self.ch.append(n)
-            return True, n
-        n = -math.log1p(-p)
-        self.ch.append(n)
-        return False, n
-
-    def cat(self, probs, nls):
-        u = self.r()
-        acc = 0.0
-        for i, q in enumerate(probs):
-            acc += q
-            if u < acc:
-                break
-        n = nls[i]
-        self.ch.append(n)
-        return i, n
-
-    def length(self, lo: int, hi: int):
-        """Uniform length in [lo, hi]; its nats are realised step by step, see _hz."""
-        k = hi - lo + 1
-        if k <= 1:
-            return lo, 0.0
-        L = lo + int(self.r() * k)
-        self.ch.append(_LOG[k])
-        return L, _LOG[k]
-
-    def choose(self, cands: list):
-        i, n = self.uni(len(cands))
-        return cands[i], n
-
-    # ---- small phrases
-    def nm(self, c: _Char, n: float = 0.0) -> None:
-        self.cp(" " + c.name, n)
-
-    def pro(self, c: _Char, form: int) -> None:
-        """Pronoun of c (form: 0 he, 1 him, 2 his, 3 He, 4 His, 5 was/were). A gender-neutral
-        character's pronoun is drawn the first time one is needed (a free span)."""
-        if c.g < 0:
-            g, n = self.cat(_GENDER_P, self.x.gender_nl)
-            c.g = g
-            self.fr(" " + _PR[g][form], n)
-        else:
-            self.fx(" " + _PR[c.g][form])
-
-    def phrase(self, pool: _Pool, lead: str = " ") -> tuple[str, str]:
-        (h, t), n = self.pick(pool)
-        self.fr(lead + h, n)
-        if t:
-            self.fx(t)
-        return h, t
-
-    def when(self) -> None:
-        self.phrase(self.x.when)
-
-    def tag(self, c: _Char, n: float = 0.0) -> None:
-        """' said A' with a random speech verb."""
-        v, nv = self.pick(self.x.say)
-        self.fr(" " + v, nv)
-        self.nm(c, n)
-        yes, ny = self.bern(self.p.p_tag_adv)
-        if yes:
-            adv, na = self.pick(self.x.adverb)
-            self.fr(" " + adv, ny + na)
-        else:
-            self.pend(ny)
-
-    def a_noun(self, pool: _Pool, adj_pool: _Pool | None = None, p: float = 0.0):
-        """' a [adj] noun' (article agrees with the first word); returns the noun entry."""
-        yes, n0 = self.bern(p) if adj_pool is not None else (False, 0.0)
-        noun, n2 = self.pick(pool)
-        if yes:
-            adj, n1 = self.pick(adj_pool)
-            self.fr(" " + ("some " + adj[0] if noun[3] else adj[1]), n0 + n1)
-            self.fr(" " + noun[0], n2)
-        else:
-            self.fr(" " + noun[1], n0 + n2)
-        return noun
-
-    def noun_list(self, pool: _Pool, lo: int, hi: int) -> list:
-        """' a cup, a map and a hat': 2..hi distinct nouns; the length is revealed by the
-        separators (',' = more to come, ' and' = one more), each carrying its share of nats."""
-        L, _ = self.length(lo, hi)
-        ex: list[int] = []
-        out = []
-        for m in range(1, L + 1):
-            if m > 1:
-                nh = _hz(m, L, lo, hi)
-                sep = " and" if m == L else ","
-                if nh:
-                    self.fr(sep, nh)
-                else:
-                    self.fx(sep)
-            i, n = self.pick_ex(pool, ex)
-            ex.append(i)
-            it = pool.items[i]
-            self.fr(" " + it[1], n)
-            out.append(it)
-        return out
-
-    def search(self, seeker: _Char, found_fx, not_found_fx) -> None:
-        """Searches 1..search_max places until found; each outcome sentence reveals a step."""
-        x = self.x
-        L, _ = self.length(1, self.p.search_max)
-        ex: list[int] = []
-        for m in range(1, L + 1):
-            self.fx(" First," if m == 1 else " Then")
-            self.pro(seeker, 0)
-            self.fx(" looked")
-            prep, n = self.pick(x.prep)
-            self.fr(" " + prep, n)
-            self.fx(" the")
-            i, n = self.pick_ex(x.furniture, ex)
-            ex.append(i)
-            self.fr(" " + x.furniture.items[i][0], n)
-            self.fx(".")
-            self.pend(_hz(m, L, 1, self.p.search_max))
-            (found_fx if m == L else not_found_fx)()
-
-    # ---- made-up names
-    def new_name(self) -> str:
-        x, r, used = self.x, self.r, self.names
-        on, vw, md, cd = x.onset, x.vowel, x.medial, x.coda
-        kk = self.p.name_syllables_max - 1
-        while True:
-            k = 2 + int(r() * kk)
-            parts = [on[int(r() * len(on))], vw[int(r() * len(vw))]]
-            for _ in range(k - 1):
-                parts.append(md[int(r() * len(md))])
-                parts.append(vw[int(r() * len(vw))])
-            parts.append(cd[int(r() * len(cd))])
-            name = "".join(parts)
-            if name not in used:
-                break
-        raw = (_LOG[kk] + _LOG[len(on)] + k * _LOG[len(vw)] + (k - 1) * _LOG[len(md)]
-               + _LOG[len(cd)])
-        n = raw
-        if used:  # rejection of names already in the story: exact conditional probability
-            n += math.log1p(-sum(math.exp(-v) for v in used.values()))
-        used[name] = raw
-        self.ch.append(n)
-        self.fr(" " + name, n)
-        return name
-
-    def new_town(self) -> str:
-        x, r, used = self.x, self.r, self.towns
-        on, sf = x.town_onset, x.town_suffix
-        while True:
-            name = on[int(r() * len(on))] + sf[int(r() * len(sf))]
-            if name not in used:
-                break
-        raw = _LOG[len(on)] + _LOG[len(sf)]
-        n = raw + (math.log1p(-sum(math.exp(-v) for v in used.values())) if used else 0.0)
-        used[name] = raw
-        self.ch.append(n)
-        self.fr(" " + name, n)
-        return name
-
-    def intro(self) -> _Char:
-        """' a [adj] kind named Name'."""
-        x = self.x
-        yes, n0 = self.bern(self.p.p_adj)
-        cls, n1 = self.cat(x.kind_p, x.kind_nl)
-        kind, n2 = self.pick(x.kinds[cls])
-        if yes:
-            adj, n3 = self.pick(x.adj_person)
-            self.fr(" " + adj[1], n0 + n3)
-            self.fr(" " + kind[0], n1 + n2)
-        else:
-            self.fr(" " + kind[1], n0 + n1 + n2)
-        self.fx(" named")
-        name = self.new_name()
-        c = _Char(name, kind[0], 1 if cls == 0 else 0 if cls == 1 else -1)
-        f = self.f
-        f.chars.append(c)
-        if f.hero is None:
-            f.hero = c
-        self.all_chars.append(c)
-        return c
-
-    def new_place(self) -> None:
-        x, f = self.x, self.f
-        h, n1 = self.uni(x.n_hab)
-        pl, n2 = self.pick(x.places[h])
-        self.fr(" " + pl, n1 + n2)
-        f.place, f.hab = pl, h
-        f.visited.append(pl)
-
-    def here(self) -> None:
-        """' the PLACE': the current place (copied), or a new one if there is none yet."""
-        self.fx(" the")
-        if self.f.place is None:
-            self.new_place()
-        else:
-            self.cp(" " + self.f.place)
-
-    def town(self) -> None:
-        s, n = self.pick(self.x.settlement)
-        self.fr(" " + s, n)
-        self.fx(" of")
-        self.f.town = self.new_town()
-
-    def house(self) -> None:
-        self.f.house = self.a_noun(self.x.house)[0]
+class StoryScript(Writer):
+    """A writer driven through one story: opening, episodes (some nesting a dream or a tale with
+    its own frame), ending. Every episode is one method `ep_<name>`."""
 
     # ---- story structure
     def story(self) -> None:
         self.opening(inner=False)
-        self.episodes(self.p.episodes_min, self.p.episodes_max, self.p.p_stop)
+        self.episodes(self.params.episodes_min, self.params.episodes_max, self.params.p_stop)
         self.ending()
-        if self.pn:
+        if self.pending_nats:
             raise AssertionError("unrealised choice at the end of a story")
 
     def episodes(self, lo: int, hi: int, p_stop: float) -> None:
@@ -822,13 +131,13 @@ class _Writer:
                 if stop:
                     return
             name = self.choose_episode(prev)
-            self.eps.append(self.prefix + name)
+            self.episode_names.append(self.episode_prefix + name)
             getattr(self, "ep_" + name)()
             prev = name
             n += 1
 
     def choose_episode(self, prev: str | None) -> str:
-        f, p = self.f, self.p
+        f, p = self.frame, self.params
         nc = len(f.chars)
         fail = 0
         if nc < 2:
@@ -845,10 +154,10 @@ class _Writer:
             fail |= _ITEMS
         if not f.gifts and len(set(f.visited)) < 2:
             fail |= _MEMORY
-        if self.depth >= p.max_depth or self.nests >= p.max_nests:
+        if self.depth >= p.max_depth or self.nestings >= p.max_nests:
             fail |= _NEST
         key = (fail, prev, f.used)
-        cache = self.x.episode_cache
+        cache = self.lex.episode_cache
         table = cache.get(key)
         if table is None:
             if len(cache) > 100_000:
@@ -861,15 +170,15 @@ class _Writer:
             table = (tuple(a[0] for a in av), cum, tuple(math.log(tot / w) for _, w in av))
             cache[key] = table
         names, cum, nls = table
-        i = bisect_right(cum, self.r())
+        i = bisect_right(cum, self.uniform())
         n = nls[i]
-        self.ch.append(n)
+        self.choice_nats.append(n)
         self.pend(n)
         f.used |= _EPISODE_BIT[names[i]]
         return names[i]
 
     def hero_items(self) -> list[str]:
-        f = self.f
+        f = self.frame
         out: list[str] = []
         for owner, it in f.items:
             if owner is f.hero and it not in out:
@@ -880,8 +189,8 @@ class _Writer:
         return out
 
     def opening(self, inner: bool) -> None:
-        x, fx, fr = self.x, self.fx, self.fr
-        self.eps.append(self.prefix + "opening")
+        x, fx, fr = self.lex, self.fx, self.fr
+        self.episode_names.append(self.episode_prefix + "opening")
         self.phrase(x.opener, " " if inner else "")
         v, n = self.uni(3)
         self.pend(n)
@@ -914,7 +223,7 @@ class _Writer:
             fx(" near")
             self.here()
             fx(". The")
-            self.cp(" " + self.f.house)
+            self.cp(" " + self.frame.house)
             fx(" was in the")
             self.town()
             fx(".")
@@ -934,7 +243,7 @@ class _Writer:
             food, n = self.pick(x.food)
             fr(" " + food[2], n)
             fx(" more than anything.")
-            self.f.fav = food[2]
+            self.frame.fav = food[2]
         yes, n = self.bern(0.6)
         self.pend(n)
         if yes:
@@ -947,12 +256,12 @@ class _Writer:
             fr(" " + c, n1)
             fr(" " + cl[0], n2)
             fx(".")
-            self.f.items.append((h, c + " " + cl[0]))
+            self.frame.items.append((h, c + " " + cl[0]))
 
     def ending(self) -> None:
-        x, f, fx = self.x, self.f, self.fx
+        x, f, fx = self.lex, self.frame, self.fx
         h = f.hero
-        self.eps.append("ending")
+        self.episode_names.append("ending")
         v, n = self.uni(3)
         self.pend(n)
         if v == 0:
@@ -977,7 +286,7 @@ class _Writer:
         fx(".")
         vis = list(dict.fromkeys(f.visited))
         if len(vis) >= 2:
-            yes, n = self.bern(0.3 + 0.5 * self.p.difficulty)
+            yes, n = self.bern(0.3 + 0.5 * self.params.difficulty)
             self.pend(n)
             if yes:
                 fx(" What a day!")
@@ -999,7 +308,7 @@ class _Writer:
 
     # ---- episodes
     def ep_journey(self) -> None:
-        x, f, fx, fr, p = self.x, self.f, self.fx, self.fr, self.p
+        x, f, fx, fr, p = self.lex, self.frame, self.fx, self.fr, self.params
         h = f.hero
         self.when()
         self.nm(h)
@@ -1056,7 +365,7 @@ class _Writer:
             fx(".")
 
     def ep_meet(self) -> None:
-        x, f, fx = self.x, self.f, self.fx
+        x, f, fx = self.lex, self.frame, self.fx
         h = f.hero
         fx(" At")
         self.here()
@@ -1091,7 +400,7 @@ class _Writer:
             fx(" all afternoon.")
 
     def ep_pack(self) -> None:
-        x, f, fx = self.x, self.f, self.fx
+        x, f, fx = self.lex, self.frame, self.fx
         h = f.hero
         self.when()
         self.nm(h)
@@ -1106,7 +415,7 @@ class _Writer:
         fx(". In it,")
         self.pro(h, 0)
         fx(" put")
-        items = self.noun_list(x.thing, 2, self.p.list_max)
+        items = self.noun_list(x.thing, 2, self.params.list_max)
         fx(".")
         f.bag = bag[0]
         f.packed = [it[0] for it in items]
@@ -1118,7 +427,7 @@ class _Writer:
             fx(".")
 
     def ep_use(self) -> None:
-        f, fx, cp = self.f, self.fx, self.cp
+        f, fx, cp = self.frame, self.fx, self.cp
         h = f.hero
         self.when()
         self.nm(h)
@@ -1149,16 +458,16 @@ class _Writer:
             fx(".")
 
     def ep_gift(self) -> None:
-        x, f, fx = self.x, self.f, self.fx
+        x, f, fx = self.lex, self.frame, self.fx
         a, na = self.choose(f.chars)
         b, nb = self.choose([c for c in f.chars if c is not a])
         self.when()
         self.nm(a, na)
         fx(" gave")
         self.nm(b, nb)
-        thing = self.a_noun(x.toy, x.adj_thing, self.p.p_adj)
+        thing = self.a_noun(x.toy, x.adj_thing, self.params.p_adj)
         fx(".")
-        hi = self.p.gap_max + 1
+        hi = self.params.gap_max + 1
         L, _ = self.length(1, hi)
         for m in range(1, L + 1):
             self.pend(_hz(m, L, 1, hi))
@@ -1195,7 +504,7 @@ class _Writer:
         f.items.append((b, thing[0]))
 
     def ep_count(self) -> None:
-        x, f, fx, fr, p = self.x, self.f, self.fx, self.fr, self.p
+        x, f, fx, fr, p = self.lex, self.frame, self.fx, self.fr, self.params
         h = f.hero
         num = x.number
         fx(" At")
@@ -1232,7 +541,7 @@ class _Writer:
             fx("!")
 
     def ep_hide(self) -> None:
-        x, f, fx = self.x, self.f, self.fx
+        x, f, fx = self.lex, self.frame, self.fx
         a, na = self.choose(f.chars)
         b, nb = self.choose([c for c in f.chars if c is not a])
         fx(" \"Let's play hide and seek!\"")
@@ -1264,7 +573,7 @@ class _Writer:
         fx(".")
 
     def ep_lost(self) -> None:
-        x, f, fx = self.x, self.f, self.fx
+        x, f, fx = self.lex, self.frame, self.fx
         h = f.hero
         item, n = self.choose(self.hero_items())
         fx(" Oh no!")
@@ -1282,7 +591,7 @@ class _Writer:
         fx(".")
 
     def ep_weather(self) -> None:
-        x, f, fx = self.x, self.f, self.fx
+        x, f, fx = self.lex, self.frame, self.fx
         h = f.hero
         v, n = self.uni(3)
         self.pend(n)
@@ -1306,14 +615,14 @@ class _Writer:
             fx(".")
 
     def ep_meal(self) -> None:
-        x, f, fx = self.x, self.f, self.fx
+        x, f, fx = self.lex, self.frame, self.fx
         h = f.hero
         self.when()
         self.nm(h)
         fx(" was hungry, so")
         self.pro(h, 0)
         fx(" had")
-        foods = self.noun_list(x.food, 2, self.p.list_max)
+        foods = self.noun_list(x.food, 2, self.params.list_max)
         yes, n = self.bern(0.5)
         self.pend(n)
         if yes:
@@ -1340,7 +649,7 @@ class _Writer:
                 fx(".")
 
     def ep_song(self) -> None:
-        x, f, fx, fr, cp = self.x, self.f, self.fx, self.fr, self.cp
+        x, f, fx, fr, cp = self.lex, self.frame, self.fx, self.fr, self.cp
         h = f.hero
         self.nm(h)
         yes, n = self.bern(0.4)
@@ -1352,7 +661,7 @@ class _Writer:
             fr(" " + ins[0], n)
             fx(" and")
         fx(' sang a song: "')
-        start = len(self.T)
+        start = len(self.pieces)
         v, n = self.pick(x.songverb)
         fr(v.capitalize(), n)
         fx(",")
@@ -1367,22 +676,22 @@ class _Writer:
         pl, n = self.pick(x.all_places)
         fr(" " + pl, n)
         fx("!")
-        refrain = "".join(self.T[start:])
+        refrain = "".join(self.pieces[start:])
         fx('"')
-        for k in range(self.p.refrains):
+        for k in range(self.params.refrains):
             fx(' Then everyone sang it together: "' if k == 0 else ' And once more: "')
             cp(refrain)
             fx('"')
 
     def ep_animal(self) -> None:
-        x, f, fx = self.x, self.f, self.fx
+        x, f, fx = self.lex, self.frame, self.fx
         h = f.hero
         fx(" At")
         self.here()
         fx(",")
         self.nm(h)
         fx(" met")
-        an = self.a_noun(x.animals[f.hab], x.adj_person, self.p.p_adj)
+        an = self.a_noun(x.animals[f.hab], x.adj_person, self.params.p_adj)
         fx(".")
         s = x.sound.get(an[0])
         if s is not None:
@@ -1413,7 +722,7 @@ class _Writer:
         fx(".")
 
     def ep_opposite(self) -> None:
-        x, f, fx = self.x, self.f, self.fx
+        x, f, fx = self.lex, self.frame, self.fx
         h = f.hero
         self.nm(h)
         fx(" found two")
@@ -1433,7 +742,7 @@ class _Writer:
         fx(" one.")
 
     def ep_job(self) -> None:
-        x, f, fx = self.x, self.f, self.fx
+        x, f, fx = self.lex, self.frame, self.fx
         h = f.hero
         self.nm(h)
         fx(" visited")
@@ -1452,7 +761,7 @@ class _Writer:
         fx(".")
 
     def ep_fix(self) -> None:
-        x, f, fx = self.x, self.f, self.fx
+        x, f, fx = self.lex, self.frame, self.fx
         b, nb = self.choose(f.chars)
         a, na = self.choose([c for c in f.chars if c is not b])
         self.nm(b, nb)
@@ -1482,7 +791,7 @@ class _Writer:
         fx(".")
 
     def ep_letter(self) -> None:
-        x, f, fx = self.x, self.f, self.fx
+        x, f, fx = self.lex, self.frame, self.fx
         a, na = self.choose(f.chars)
         b, nb = self.choose([c for c in f.chars if c is not a])
         self.when()
@@ -1509,14 +818,14 @@ class _Writer:
         fx(" read the letter and smiled.")
 
     def ep_market(self) -> None:
-        x, f, fx = self.x, self.f, self.fx
+        x, f, fx = self.lex, self.frame, self.fx
         h = f.hero
         self.when()
         self.nm(h)
         fx(" went to the market in")
         self.cp(" " + f.town)
         fx(".")
-        N, nN = self.length(2, self.p.count_max)
+        N, nN = self.length(2, self.params.count_max)
         self.pro(h, 3)
         fx(" bought")
         self.fr(" " + x.number[N - 1], nN)
@@ -1533,7 +842,7 @@ class _Writer:
         fx(" left.")
 
     def ep_remember(self) -> None:
-        f, fx = self.f, self.fx
+        f, fx = self.frame, self.fx
         vis = list(dict.fromkeys(f.visited))
         opts = ([0] if f.gifts else []) + ([1] if len(vis) >= 2 else [])
         v, n = self.choose(opts)
@@ -1557,7 +866,7 @@ class _Writer:
             fx(" and smiled.")
 
     def ep_dream(self) -> None:
-        x, f, fx = self.x, self.f, self.fx
+        x, f, fx = self.lex, self.frame, self.fx
         h = f.hero
         fx(" That night,")
         self.nm(h)
@@ -1566,19 +875,19 @@ class _Writer:
         fx(" could")
         self.phrase(x.ability)
         fx(".")
-        self.nests += 1
-        saved = self.prefix
-        self.prefix += "dream/"
+        self.nestings += 1
+        saved = self.episode_prefix
+        self.episode_prefix += "dream/"
         self.depth += 1
-        self.episodes(1, self.p.sub_max, 0.5)
+        self.episodes(1, self.params.sub_max, 0.5)
         self.depth -= 1
-        self.prefix = saved
+        self.episode_prefix = saved
         fx(" Then")
         self.nm(h)
         fx(" woke up. It was only a dream!")
 
     def ep_tale(self) -> None:
-        x, f, fx = self.x, self.f, self.fx
+        x, f, fx = self.lex, self.frame, self.fx
         h = f.hero
         fx(" That evening,")
         self.pro(h, 2)
@@ -1587,77 +896,22 @@ class _Writer:
         fx(" told")
         self.nm(h)
         fx(" a story. It began like this:")
-        self.nests += 1
-        saved = self.prefix
-        self.prefix += "tale/"
+        self.nestings += 1
+        saved = self.episode_prefix
+        self.episode_prefix += "tale/"
         self.depth += 1
-        self.f = _Frame()
+        self.frame = _Frame()
         self.opening(inner=True)
-        self.episodes(1, self.p.sub_max, 0.5)
-        self.f = f
+        self.episodes(1, self.params.sub_max, 0.5)
+        self.frame = f
         self.depth -= 1
-        self.prefix = saved
+        self.episode_prefix = saved
         fx(' And that was the end of the story. "')
         ex, n = self.pick(x.exclaim)
         self.fr(ex, n)
         fx('!"')
         self.tag(h)
         fx(".")
-
-    # ---- result
-    def text(self) -> str:
-        return "".join(self.T)
-
-    def result(self) -> Story:
-        T = self.T
-        offs = [0]
-        offs += accumulate(map(len, T))
-        spans: list[Span] = []
-        app = spans.append
-        last = 0
-        for i, lab, n in self.M:          # non-fixed pieces, in text order
-            a, b = offs[i], offs[i + 1]
-            if a > last:
-                app(_span(last, a, "fixed", 0.0))
-            if b <= a:
-                raise AssertionError("empty non-fixed span")
-            app(_span(a, b, LABELS[lab], n))
-            last = b
-        if offs[-1] > last:
-            app(_span(last, offs[-1], "fixed", 0.0))
-        chars = tuple((c.name, _PR[c.g][0] if c.g >= 0 else "") for c in self.all_chars)
-        return Story("".join(T), math.fsum(self.ch), tuple(spans), tuple(self.eps), chars,
-                     len(self.ch))
-
-
-_new = object.__new__
-_set_start, _set_end, _set_label, _set_nats = (
-    Span.__dict__[k].__set__ for k in ("start", "end", "label", "nats"))
-
-
-def _span(start: int, end: int, label: str, nats: float) -> Span:
-    """Span(start, end, label, nats) without the frozen-dataclass __init__ overhead."""
-    s = _new(Span)
-    _set_start(s, start)
-    _set_end(s, end)
-    _set_label(s, label)
-    _set_nats(s, nats)
-    return s
-
-
-def _ignore(n: float) -> None:
-    pass
-
-
-def _hz(m: int, L: int, lo: int, hi: int) -> float:
-    """Nats of step m of a uniform length L in [lo, hi] revealed step by step: at step m the
-    text shows whether L == m (probability 1/(hi-m+1) given L >= m). Summed over m = lo..L this
-    is log(hi - lo + 1)."""
-    if m < lo:
-        return 0.0
-    if L == m:
-        return _LOG[hi - m + 1]
-    return _LOG[hi - m + 1] - _LOG[hi - m]
 
 
 # --------------------------------------------------------------------------------------- public
@@ -1688,11 +942,11 @@ class StoryGenerator:
         # pickles small (e.g. for DataLoader workers); the word pools are rebuilt (and cached)
         return (StoryGenerator, (self.seed, self.difficulty))
 
-    def _writer(self, index: int, spans: bool = True) -> _Writer:
+    def _writer(self, index: int, spans: bool = True) -> StoryScript:
         if index < 0:
             raise IndexError("story index must be >= 0")
         # a private Random per story: stories are independent and the generator is thread-safe
-        w = _Writer(self._lex, random.Random(_rng_seed(self.seed, index)), spans)
+        w = StoryScript(self._lex, random.Random(_rng_seed(self.seed, index)), spans)
         w.story()
         return w
 
