@@ -88,22 +88,25 @@ def fsync_dir(path: str | os.PathLike) -> None:
 
 
 # -- JSON Lines logs ------------------------------------------------------------------------------
-def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records of a JSON Lines file, in order; [] when it does not exist. Lines that are not a
-    JSON object (a line cut short by a kill, a stray edit) are skipped."""
+def _lines_and_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(line, record) for each line of `path` that is a JSON object; nothing when it is missing."""
     try:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
+        text = path.read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
-        return []
-    out = []
+        return
     for line in text.splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
         if isinstance(record, dict):
-            out.append(record)
-    return out
+            yield line, record
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a JSON Lines file, in order; [] when it does not exist. Lines that are not a
+    JSON object (a line cut short by a kill, a stray edit) are skipped."""
+    return [record for _, record in _lines_and_records(Path(path))]
 
 
 def append_jsonl(path: str | os.PathLike, *records: Mapping[str, Any]) -> None:
@@ -121,18 +124,10 @@ def truncate_jsonl(path: str | os.PathLike, after_step: int, key: str = "step") 
     kept lines are copied as they were, and the file is replaced atomically. A missing file stays
     missing."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
+    if not path.exists():
         return
     kept = []
-    for line in text.splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(record, dict):
-            continue
+    for line, record in _lines_and_records(path):
         value = record.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= after_step:
             kept.append(line + "\n")
