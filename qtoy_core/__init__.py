@@ -54,6 +54,8 @@ _LAZY = {
     "key_padding_mask": ".interfaces",
     "append_to_cache": ".interfaces",
     "causal_pattern": ".ops.masks",
+    # the base of attentions whose pattern is a product of QK forms (quadratic, bilinear, cubic, ...)
+    "QKProductAttention": ".qk_product",
     # optimizers
     "build_optimizer": ".optim",
     "is_hidden_matrix": ".optim",
@@ -171,5 +173,6 @@ if TYPE_CHECKING:
     from .model import GenerationCache, ToyTransformer, cross_entropy
     from .ops.masks import causal_pattern
     from .optim import build_optimizer, is_hidden_matrix
+    from .qk_product import QKProductAttention
     from .training.config import RunConfig
     from .training.trainer import Trainer
