@@ -2,7 +2,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from qtoy_core.interfaces import ProjectedAttention, append_to_cache
+from qtoy_core import ProjectedAttention, append_to_cache
 
 
 class SoftmaxAttention(ProjectedAttention):
