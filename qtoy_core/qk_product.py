@@ -29,7 +29,8 @@ from `QKProductAttention`, in one place:
 
 What the hook points see: ``hook_scores`` gets the one form when every factor is the same form
 (quadratic, cubic: ``pattern = scores ** n``), otherwise the product of the distinct forms, each
-once (bilinear: the pattern before masking); ``hook_pattern`` gets the masked pattern.
+once (bilinear: the pattern before masking; a repeated form is then multiplied in again after the
+hook); ``hook_pattern`` gets the masked pattern.
 """
 
 from __future__ import annotations
