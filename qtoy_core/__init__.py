@@ -58,6 +58,8 @@ _LAZY = {
     # bilinear attentions call, open to any attention plugin
     "quadratic_attention": ".ops.quadratic",
     "QuadraticAttentionState": ".ops.quadratic",
+    # the base of attentions whose pattern is a product of QK forms (quadratic, bilinear, cubic, ...)
+    "QKProductAttention": ".qk_product",
     # optimizers
     "build_optimizer": ".optim",
     "is_hidden_matrix": ".optim",
@@ -207,6 +209,7 @@ if TYPE_CHECKING:
     from .ops.masks import causal_pattern
     from .ops.quadratic import QuadraticAttentionState, quadratic_attention
     from .optim import build_optimizer, is_hidden_matrix, use_fused_adamw
+    from .qk_product import QKProductAttention
     from .run_files import append_jsonl, atomic_path, load_run, read_jsonl, truncate_jsonl, write_atomic
     from .training.config import RunConfig
     from .training.trainer import Trainer

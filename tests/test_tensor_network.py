@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import qtoy_core
-from qtoy_core import AttentionConfig, ProjectedAttention, QtoyError, hookimpl
+from qtoy_core import Attention, AttentionConfig, HookPoint, ProjectedAttention, QtoyError, hookimpl
+from qtoy_core.analysis import circuits
 from qtoy_core.analysis.tensor_network import (
     NotPolynomialError,
     PathCache,
@@ -192,11 +193,45 @@ class OpaqueAttention(ProjectedAttention):
         return causal_pattern((q @ k.transpose(-1, -2)) ** 2, key_mask) @ v
 
 
+class FusedConfig(CubicConfig):
+    """Quadratic attention with one fused qkv projection (test plugin): no q_proj / k_proj / v_proj."""
+
+    name: Literal["fused_tn_test"] = "fused_tn_test"
+
+
+class FusedQKVAttention(Attention):
+    """pattern = (q.k / d_head)^2 from one fused (d_model -> 3 n_head d_head) projection: its weights
+    are known to analysis only through weight_views()."""
+
+    def __init__(self, model, config, layer):
+        super().__init__()
+        self.n_head, self.d_head = model.n_head, model.d_head
+        self.qkv = torch.nn.Linear(model.d_model, 3 * model.n_head * model.d_head, bias=False)
+        self.out_proj = torch.nn.Linear(model.n_head * model.d_head, model.d_model, bias=False)
+        self.scale = 1.0 / model.d_head
+        self.hook_scores = HookPoint()
+
+    def forward(self, x, *, positional, positions, attention_mask=None, state=None):
+        b, t, _ = x.shape
+        q, k, v = (h.view(b, t, self.n_head, self.d_head).transpose(1, 2) for h in self.qkv(x).chunk(3, dim=-1))
+        q, k = positional.rotate(q, positions), positional.rotate(k, positions)
+        scores = self.hook_scores((q @ k.transpose(-1, -2)) * self.scale)
+        z = causal_pattern(scores * scores) @ v
+        return self.out_proj(z.transpose(1, 2).reshape(b, t, -1))
+
+    def weight_views(self):
+        W_Q, W_K, W_V = (w.detach().view(self.n_head, self.d_head, -1).transpose(1, 2) for w in self.qkv.weight.chunk(3))
+        W_O = self.out_proj.weight.detach().view(-1, self.n_head, self.d_head).permute(1, 2, 0)
+        return {"W_Q": W_Q, "W_K": W_K, "W_V": W_V, "W_O": W_O, "qk": [("W_Q", "W_K", self.scale)] * 2,
+                "pattern": "product"}
+
+
 @pytest.fixture
 def test_plugin():
     def register(register):
         register(CubicConfig, CubicAttention)
         register(OpaqueConfig, OpaqueAttention)
+        register(FusedConfig, FusedQKVAttention)
 
     registry = qtoy_core.get_registry()
     name = registry.add_plugin(types.SimpleNamespace(register_attentions=hookimpl(register)), name="tn-test-plugin")
@@ -313,6 +348,62 @@ def test_full_circuit_is_the_head_term_of_the_model(attn_name):
     direct = (model.unembed.weight @ model.embed.weight[b]).detach().numpy()
     heads = sum(full[h][b, a] + full[h][b, b] for h in range(2))
     np.testing.assert_allclose(logits, direct + heads, rtol=1e-10, atol=1e-10)
+
+
+def test_circuit_networks_read_the_weights_as_analyze_does():
+    """Norm gains folded and bilinear attention's second QK pair: the networks contract to the
+    dense products of the (gain-folded) parameters, which are also `qtoy analyze`'s circuits."""
+    model = make("attention_only_1L", attn="bilinear", norm="rmsnorm", pos="rope", vocab_size=9)
+    attn, D = model.blocks[0].attn, model.config.d_head
+    g1, g_final = model.blocks[0].ln1.weight.detach(), model.ln_final.weight.detach()
+    assert not torch.allclose(g1, torch.ones_like(g1))  # random gains: folding them matters
+    W_E, W_U = model.embed.weight.detach(), model.unembed.weight.detach()
+    R = rotation_matrices(model.positional, [2, 0], D)
+    for head in range(2):
+        sl = slice(head * D, (head + 1) * D)
+        for factor, (q_proj, k_proj) in enumerate([(attn.q_proj, attn.k_proj), (attn.q2_proj, attn.k2_proj)]):
+            W_Q, W_K = q_proj.weight.detach()[sl] * g1, k_proj.weight.detach()[sl] * g1
+            for offset, rot in [(0, torch.eye(D, dtype=torch.float64)), (2, R[0].T @ R[1])]:
+                got = qk_circuit_tn(model, 0, head, offset=offset, factor=factor).contract(
+                    output_inds=["tok_q", "tok_k"]).data
+                want = W_E @ W_Q.T @ rot @ W_K @ W_E.T
+                np.testing.assert_allclose(got, want.numpy(), rtol=1e-10, atol=1e-12)
+                analyzed = circuits.qk_circuit(model, 0, factor=factor, offset=offset).AB[head] / attn.scale
+                np.testing.assert_allclose(got, analyzed.numpy(), rtol=1e-5, atol=1e-6)
+        W_V, W_O = attn.v_proj.weight.detach()[sl] * g1, attn.out_proj.weight.detach()[:, sl]
+        got = ov_circuit_tn(model, 0, head).contract(output_inds=["tok_out", "tok_in"]).data
+        np.testing.assert_allclose(got, (W_U * g_final @ W_O @ W_V @ W_E.T).numpy(), rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(got, circuits.ov_circuit(model, 0).AB[head].T.numpy(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="factor 2 is out of range"):
+        qk_circuit_tn(model, 0, 0, factor=2)
+    with pytest.raises(ValueError, match="head 2 is out of range"):
+        ov_circuit_tn(model, 0, 2)
+
+
+def test_circuit_networks_of_a_plugin_attention_with_only_weight_views(test_plugin):
+    """A fused-qkv attention (no q_proj/k_proj/v_proj): the networks come from its weight views and
+    match the model itself (its scores, and its head terms in the logits)."""
+    model = make("attention_only_1L", attn="fused_tn_test", pos="none", vocab_size=9)
+    attn = model.blocks[0].attn
+    seen = {}
+    attn.hook_scores.register_forward_hook(lambda mod, inp, out: seen.setdefault("scores", out))
+    a, b = 4, 7
+    with torch.no_grad():
+        logits = model(torch.tensor([[a, b]]))[0, 1].numpy()
+    for head in range(2):
+        qk = qk_circuit_tn(model, 0, head).contract(output_inds=["tok_q", "tok_k"]).data
+        assert qk[b, a] == pytest.approx(seen["scores"][0, head, 1, 0].item() / attn.scale, rel=1e-9)
+    full = [full_circuit_tn(model, 0, h).contract(output_inds=["tok_q", "tok_k", "tok_out"]).data for h in range(2)]
+    direct = (model.unembed.weight @ model.embed.weight[b]).detach().numpy()
+    np.testing.assert_allclose(logits, direct + sum(full[h][b, a] + full[h][b, b] for h in range(2)),
+                               rtol=1e-10, atol=1e-10)
+
+
+def test_full_circuit_needs_a_product_pattern():
+    model = make("attention_only_1L", attn="softmax", pos="none")
+    assert qk_circuit_tn(model, 0, 0).contract(output_inds=["tok_q", "tok_k"]).data.shape == (20, 20)
+    with pytest.raises(NotPolynomialError, match="does not declare its pattern as a product"):
+        full_circuit_tn(model, 0, 0)
 
 
 def test_rotation_matrices_are_identity_without_rope():

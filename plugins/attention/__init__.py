@@ -5,10 +5,10 @@ from typing import Literal
 from qtoy_core import AttentionConfig, hookimpl
 
 
-class QuadraticAttentionConfig(AttentionConfig):
-    """Quadratic attention: pattern = (q.k / d_head)^2 with a causal mask, no softmax."""
+class _QKProductConfig(AttentionConfig):
+    """Options of the built-in attentions on `qtoy_core.QKProductAttention` (pattern = a product of
+    two QK forms, run by the kernels of qtoy_core.ops.quadratic)."""
 
-    name: Literal["quadratic"] = "quadratic"
     bias: bool = False
     # plain: materialise the (T, T) pattern (blocked kernel); chunked: the linear-time form; auto:
     # whichever is faster for the sequence length (measured crossover, see qtoy_core.ops.quadratic);
@@ -20,16 +20,16 @@ class QuadraticAttentionConfig(AttentionConfig):
         return True
 
 
-class BilinearAttentionConfig(AttentionConfig):
+class QuadraticAttentionConfig(_QKProductConfig):
+    """Quadratic attention: pattern = (q.k / d_head)^2 with a causal mask, no softmax."""
+
+    name: Literal["quadratic"] = "quadratic"
+
+
+class BilinearAttentionConfig(_QKProductConfig):
     """Bilinear attention: pattern = (q1.k1)(q2.k2) / d_head^2, causal; quadratic is q1=q2, k1=k2."""
 
     name: Literal["bilinear"] = "bilinear"
-    bias: bool = False
-    impl: Literal["auto", "plain", "chunked", "autograd"] = "auto"
-
-    @property
-    def is_polynomial(self) -> bool:
-        return True
 
 
 class SoftmaxAttentionConfig(AttentionConfig):

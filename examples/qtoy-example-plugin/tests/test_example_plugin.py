@@ -80,15 +80,19 @@ def test_the_cube_keeps_the_sign(registry):
     assert (pattern.triu(1) == 0).all()  # causal: nothing above the diagonal
 
 
-def test_cached_generation_matches_the_full_forward(registry):
+@pytest.mark.parametrize("mode, window", [("kv", None), ("recurrent", None), ("recurrent", 2)])
+def test_cached_generation_matches_the_full_forward(registry, mode, window):
+    """"recurrent" keeps the running state of QKProductAttention (d_head^3 = 512 features here); a
+    window has no running-sum form, so it keeps keys and values as "kv" does."""
     torch.manual_seed(0)
-    model = _randomise(build_model("transformer_1L", attn="cubic", mlp="trilinear", d_model=16, n_head=2,
-                                   vocab_size=32, n_ctx=8)).double().eval()
+    model = _randomise(build_model("transformer_1L", attn={"name": "cubic", "window": window}, mlp="trilinear",
+                                   d_model=16, n_head=2, vocab_size=32, n_ctx=8)).double().eval()
     tokens = torch.randint(0, 32, (2, 6))
     full = model(tokens)
-    cache = model.new_cache("kv")
+    cache = model.new_cache(mode)
     parts = [model(tokens[:, :3], cache=cache)] + [model(tokens[:, t:t + 1], cache=cache) for t in range(3, 6)]
     torch.testing.assert_close(torch.cat(parts, dim=1), full)
+    assert ("rnn" in cache.layers[0]) == (mode == "recurrent" and window is None)
 
 
 def test_window_longer_than_the_context_is_refused(registry):
