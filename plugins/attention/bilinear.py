@@ -1,6 +1,6 @@
 from torch import Tensor, nn
 
-from qtoy_core.interfaces import ProjectedAttention, append_to_cache
+from qtoy_core.interfaces import HookPoint, ProjectedAttention, append_to_cache
 from qtoy_core.ops.masks import causal_pattern
 from qtoy_core.ops.quadratic import quadratic_attention
 
@@ -16,6 +16,9 @@ class BilinearAttention(ProjectedAttention):
         inner = model.n_head * model.d_head
         self.q2_proj = nn.Linear(model.d_model, inner, bias=config.bias)
         self.k2_proj = nn.Linear(model.d_model, inner, bias=config.bias)
+        # The second QK pair's hook points (before / after the rotation), as for q and k.
+        self.hook_q2, self.hook_rot_q2 = HookPoint(heads_first=True), HookPoint(heads_first=True)
+        self.hook_k2, self.hook_rot_k2 = HookPoint(heads_first=True), HookPoint(heads_first=True)
         self.scale = 1.0 / model.d_head
         self.impl = config.impl
 
