@@ -47,18 +47,20 @@ class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
         self.layer = layer
+        # Modules are registered in the order the forward runs them, so that hook_names (module
+        # order) lists the hook points as a forward records them (HookPoints hold no parameters).
+        self.hook_resid_pre = HookPoint()
         self.ln1 = build_component(config.norm, config)
         self.attn = build_component(config.attention, config, layer)
+        self.hook_attn_out = HookPoint()
+        self.hook_resid_mid = HookPoint()
         self.has_mlp = config.has_mlp
         if self.has_mlp:
             self.ln2 = build_component(config.norm, config)
             self.mlp = build_component(config.mlp, config)
-        self.dropout = nn.Dropout(config.dropout)
-        self.hook_resid_pre = HookPoint()
-        self.hook_attn_out = HookPoint()
-        self.hook_resid_mid = HookPoint()
         self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
+        self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor, *, positional: nn.Module, positions: Tensor,
                 attention_mask: Tensor | None = None, state: dict | None = None) -> Tensor:
@@ -90,12 +92,12 @@ class ToyTransformer(nn.Module, _model_hub_mixin()):
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.positional = build_component(config.positional, config)
+        self.hook_embed = HookPoint()
+        self.hook_pos_embed = HookPoint()
         self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layers))
         self.ln_final = build_component(config.norm, config)
         self.unembed = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.dropout = nn.Dropout(config.dropout)
-        self.hook_embed = HookPoint()
-        self.hook_pos_embed = HookPoint()
         self._init_weights()
         if config.tie_embeddings:
             self.unembed.weight = self.embed.weight
