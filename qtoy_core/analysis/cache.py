@@ -412,10 +412,10 @@ class ActivationCache(Mapping):
         the stack's without d_model. ``tokens``: an int or a tensor broadcasting against the
         stack's (batch, pos) or (batch,) axes. With no norm, or a frozen RMSNorm scale, the attributions
         of `decompose_resid()` sum exactly to the logit (difference)."""
-        scaled = self.apply_ln_to_stack(residual_stack, None, pos_slice=pos_slice, batch_slice=batch_slice)
         directions = self._directions(tokens)
         if incorrect_tokens is not None:
             directions = directions - self._directions(incorrect_tokens)
+        scaled = self.apply_ln_to_stack(residual_stack, None, pos_slice=pos_slice, batch_slice=batch_slice)
         return (scaled * directions).sum(-1)
 
     def _directions(self, tokens: int | Tensor) -> Tensor:
