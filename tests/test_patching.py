@@ -153,3 +153,47 @@ def test_heatmap_page_is_offline_and_shows_every_cell(tmp_path):
     cell = re.search(r'<td style="background:([^"]+)" title="L0 2 t2:', page)
     assert cell and cell.group(1) == "rgb(255,0,0)"
     assert "<table" in results["head_q"]._repr_html_()
+
+
+# ------------------------------------------------------------------------------------------- CLI
+def test_qtoy_patch_writes_the_heat_map_and_json(tmp_path, capsys):
+    import json
+
+    from qtoy_cli.main import main
+    from qtoy_core.data import train_bpe
+
+    tok = train_bpe(["Mo met Pip. Pip met Mo. A sheep met a fox."] * 4, vocab_size=300)
+    model = small(vocab_size=300)
+    model.save_pretrained(tmp_path / "run")
+    tok.save(str(tmp_path / "run" / "tokenizer.json"))
+
+    def cli(*args):
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    out, js = tmp_path / "patch.html", tmp_path / "patch.json"
+    # ["Mo", " met", " Pip"] against ["Mo", " met", " fox"] with this tokenizer
+    code, stdout, err = cli("patch", tmp_path / "run", "--clean", "Mo met Pip", "--corrupted", "Mo met fox",
+                            "--answer", " Mo", "--wrong", " fox", "--kinds", "resid_pre,head_out", "--out", out, "--json", js)
+    assert code == 0, err
+    assert "logit_diff: clean" in stdout
+    page = out.read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>") and "https://" not in page and "head_out" in page
+    data = json.loads(js.read_text(encoding="utf-8"))
+    n = len(data["tokens"])
+    res = data["results"]["resid_pre"]
+    assert res["dims"] == ["layer", "pos"] and len(res["values"][0]) == n
+    assert data["tokens"] == ["Mo", " met", " Pip"]
+    assert res["values"][0][2] == pytest.approx(res["clean"], abs=1e-4)  # the differing position: the clean run
+    assert res["values"][0][0] == pytest.approx(res["corrupted"], abs=1e-4)
+    code, _, err = cli("patch", tmp_path / "run", "--clean", "Mo met Pip", "--corrupted", "Mo met Pipp",
+                       "--answer", "P", "--wrong", "M", "--out", out)
+    assert code != 0 and "same length" in err and "Traceback" not in err
+    code, _, err = cli("patch", tmp_path / "run", "--clean", "Mo met Pip", "--corrupted", "Mo met fox",
+                       "--answer", "Pip met", "--wrong", "M", "--out", out)
+    assert code != 0 and "not one" in err
