@@ -132,8 +132,10 @@ def test_hooks_are_removed_when_the_forward_raises_and_bad_hooks_are_clear_error
     assert n_hooks(model) == 0
     with pytest.raises(UnknownHookError, match="pairs"):
         model.run_with_hooks(tokens, fwd_hooks=["blocks.0.attn.hook_z"])
-    # TL shorthand names work as hook names
-    model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.attn.hook_z", lambda a, hook: a)])
+    # TL's compact shorthand works as a hook name ("z0" -> blocks.0.attn.hook_z)
+    seen = []
+    model.run_with_hooks(tokens, fwd_hooks=[("z0", lambda a, hook: seen.append(hook.name))])
+    assert seen == ["blocks.0.attn.hook_z"]
 
 
 def test_kept_hooks_stay_until_reset():

@@ -53,8 +53,9 @@ def _points(model: nn.Module) -> dict[str, HookPoint]:
 
 
 def resolve_hook_points(model: nn.Module, name_or_predicate: NameOrPredicate) -> list[tuple[str, HookPoint]]:
-    """The hook points a name (full name or TL shorthand tuple-free, e.g. "blocks.0.attn.hook_z")
-    or a predicate on names selects. An unknown name is one `UnknownHookError` listing close names."""
+    """The hook points a name selects (a full name such as "blocks.0.attn.hook_z", or TL's compact
+    shorthand such as "z0"), or all those a predicate on names accepts. An unknown name is one
+    `UnknownHookError` listing the close names."""
     points = _points(model)
     if callable(name_or_predicate):
         return [(n, p) for n, p in points.items() if name_or_predicate(n)]
