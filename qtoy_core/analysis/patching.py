@@ -161,8 +161,9 @@ def _clean_value(model: nn.Module, corrupted: Tensor, clean_cache: ActivationCac
     if "blocks.0.hook_resid_pre" not in clean_cache:
         return float("nan")
     whole = clean_cache["blocks.0.hook_resid_pre"]
-    logits = model.run_with_hooks(corrupted, fwd_hooks=[("blocks.0.hook_resid_pre", lambda act, hook: whole)])
-    return float(metric(logits))
+    with torch.no_grad():
+        logits = model.run_with_hooks(corrupted, fwd_hooks=[("blocks.0.hook_resid_pre", lambda act, hook: whole)])
+        return float(metric(logits))
 
 
 def _by_pos(name: str, kind: str):
