@@ -25,10 +25,8 @@ must have the same length (a position means the same slot in both).
 from __future__ import annotations
 
 import html
-import json
 import math
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
