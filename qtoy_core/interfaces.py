@@ -13,8 +13,11 @@ Stable submodule names (hooks and checkpoints rely on them), for a model with la
   ln_final                   final norm
   unembed                    nn.Linear (d_model -> vocab): W_U, tied to embed.weight by default
 Hook points (`HookPoint` modules) inside blocks: blocks.{i}.hook_resid_pre, hook_attn_out,
-hook_resid_mid, hook_mlp_out, hook_resid_post; in attention: attn.hook_q, hook_k, hook_v,
-hook_scores, hook_pattern, hook_z; in the bilinear MLP: mlp.hook_left, hook_right, hook_hidden.
+hook_resid_mid, hook_mlp_out, hook_resid_post; in attention: attn.hook_q, hook_k (before the
+positional rotation), hook_rot_q, hook_rot_k (after it), hook_v, hook_scores, hook_pattern, hook_z,
+hook_result (bilinear attention adds hook_q2, hook_k2, hook_rot_q2, hook_rot_k2); in the MLPs:
+mlp.hook_hidden (bilinear also hook_left, hook_right; gelu also hook_pre); RMSNorm: hook_scale,
+hook_normalized. Layouts are TransformerLens's (see `qtoy_core.analysis.cache`).
 """
 
 from __future__ import annotations
@@ -31,7 +34,39 @@ if TYPE_CHECKING:
 
 
 class HookPoint(nn.Identity):
-    """An identity that names an activation, so `run_with_cache` and forward hooks can read it."""
+    """An identity that names an activation, so `run_with_cache` and forward hooks can read it.
+
+    A forward hook on it (``register_forward_hook``, or `ToyTransformer.run_with_hooks`) sees the
+    activation in TransformerLens's layout and may return a replacement in that same layout.
+    ``heads_first=True`` is for tensors its owner computes as (batch, head, pos, d_head), the layout
+    the attention kernels want: hooks then see (batch, pos, head, d_head) and a replacement is turned
+    back. The owner passes such tensors through `run(x)`, which returns x untouched (no transpose,
+    no copy) when nothing hooks the point, so the fast kernels see exactly what they saw before.
+    ``name`` is the point's full name in the model (set by `ToyTransformer`), as in TL.
+    """
+
+    def __init__(self, heads_first: bool = False):
+        super().__init__()
+        self.heads_first = heads_first
+        self.name: str | None = None
+
+    def is_hooked(self) -> bool:
+        return bool(self._forward_hooks or self._forward_pre_hooks)
+
+    def run(self, x: Tensor) -> Tensor:
+        """x in the owner's layout -> x after the hooks, in the owner's layout."""
+        if not self.is_hooked():
+            return x
+        if not self.heads_first:
+            return self(x)
+        return self(x.transpose(1, 2)).transpose(1, 2)
+
+    def layer(self) -> int:
+        """The block index in the point's name (``blocks.3.attn.hook_z`` -> 3), as TL's ``hook.layer()``."""
+        parts = (self.name or "").split(".")
+        if len(parts) < 2 or parts[0] != "blocks" or not parts[1].isdigit():
+            raise ValueError(f"hook point {self.name!r} is not inside a block, so it has no layer")
+        return int(parts[1])
 
 
 class Positional(nn.Module):
@@ -107,6 +142,13 @@ class ProjectedAttention(Attention, metaclass=abc.ABCMeta):
 
     Owns q_proj, k_proj, v_proj (d_model -> n_head * d_head), out_proj (back to d_model) and the
     hook points; subclasses implement `mix(q, k, v, key_mask, state)` -> z (batch, heads, time, d_head).
+
+    Hook points: a projection ``<c>_proj`` passed through `heads` is recorded at ``hook_<c>`` before
+    the positional rotation and at ``hook_rot_<c>`` after it, when the module has those HookPoints
+    (q and k have both, v only ``hook_v``; a subclass with more projections adds its own, e.g.
+    bilinear attention's ``hook_q2``/``hook_rot_q2``). ``hook_result`` holds the per-head outputs
+    z_h @ W_O[h] (batch, pos, head, d_model); when it is hooked the output is computed as their sum
+    (plus the out_proj bias), so an edit there changes what the layer writes.
     """
 
     def __init__(self, model: "ModelConfig", config: Any, layer: int):
@@ -119,22 +161,43 @@ class ProjectedAttention(Attention, metaclass=abc.ABCMeta):
         self.k_proj = nn.Linear(model.d_model, inner, bias=bias)
         self.v_proj = nn.Linear(model.d_model, inner, bias=bias)
         self.out_proj = nn.Linear(inner, model.d_model, bias=bias)
-        self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
-        self.hook_scores, self.hook_pattern, self.hook_z = HookPoint(), HookPoint(), HookPoint()
+        # Registered in execution order (q, rot_q, k, rot_k, v, ..., z, result) so that module order
+        # and the order a forward records them agree.
+        self.hook_q, self.hook_rot_q = HookPoint(heads_first=True), HookPoint(heads_first=True)
+        self.hook_k, self.hook_rot_k = HookPoint(heads_first=True), HookPoint(heads_first=True)
+        self.hook_v = HookPoint(heads_first=True)
+        self.hook_scores, self.hook_pattern = HookPoint(), HookPoint()
+        self.hook_z, self.hook_result = HookPoint(heads_first=True), HookPoint()
 
     def heads(self, proj: nn.Linear, x: Tensor, positional: Positional | None, positions: Tensor) -> Tensor:
-        """Project x and split heads; rotate when `positional` is given (queries and keys)."""
+        """Project x and split heads; rotate when `positional` is given (queries and keys). The heads
+        pass the projection's hook points: ``hook_<c>`` before the rotation, ``hook_rot_<c>`` after."""
+        stem = next((n.removesuffix("_proj") for n, m in self._modules.items() if m is proj), None)
+        pre = getattr(self, f"hook_{stem}", None) if stem else None
+        rot = getattr(self, f"hook_rot_{stem}", None) if stem else None
         h = split_heads(proj(x), self.n_head)
-        return positional.rotate(h, positions) if positional is not None else h
+        if isinstance(pre, HookPoint):
+            h = pre.run(h)
+        if positional is None:
+            return h
+        h = positional.rotate(h, positions)
+        return rot.run(h) if isinstance(rot, HookPoint) else h
 
     def forward(self, x: Tensor, *, positional: Positional, positions: Tensor,
                 attention_mask: Tensor | None = None, state: dict | None = None) -> Tensor:
-        q = self.hook_q(self.heads(self.q_proj, x, positional, positions))
-        k = self.hook_k(self.heads(self.k_proj, x, positional, positions))
-        v = self.hook_v(self.heads(self.v_proj, x, None, positions))
+        q = self.heads(self.q_proj, x, positional, positions)
+        k = self.heads(self.k_proj, x, positional, positions)
+        v = self.heads(self.v_proj, x, None, positions)
         z = self.mix(q, k, v, key_padding_mask(attention_mask), state, x=x, positional=positional,
                      positions=positions)
-        return self.out_proj(merge_heads(self.hook_z(z)))
+        z = self.hook_z.run(z)
+        if not self.hook_result.is_hooked():
+            return self.out_proj(merge_heads(z))
+        # Per-head results, (batch, pos, head, d_model); the layer writes their (possibly edited) sum.
+        W_O = self.out_proj.weight.view(-1, self.n_head, self.d_head)  # (d_model, head, d_head)
+        result = self.hook_result(torch.einsum("bhtd,mhd->bthm", z, W_O))
+        out = result.sum(2)
+        return out + self.out_proj.bias if self.out_proj.bias is not None else out
 
     @abc.abstractmethod
     def mix(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, state: dict | None,

@@ -47,18 +47,20 @@ class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
         self.layer = layer
+        # Modules are registered in the order the forward runs them, so that hook_names (module
+        # order) lists the hook points as a forward records them (HookPoints hold no parameters).
+        self.hook_resid_pre = HookPoint()
         self.ln1 = build_component(config.norm, config)
         self.attn = build_component(config.attention, config, layer)
+        self.hook_attn_out = HookPoint()
+        self.hook_resid_mid = HookPoint()
         self.has_mlp = config.has_mlp
         if self.has_mlp:
             self.ln2 = build_component(config.norm, config)
             self.mlp = build_component(config.mlp, config)
-        self.dropout = nn.Dropout(config.dropout)
-        self.hook_resid_pre = HookPoint()
-        self.hook_attn_out = HookPoint()
-        self.hook_resid_mid = HookPoint()
         self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
+        self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor, *, positional: nn.Module, positions: Tensor,
                 attention_mask: Tensor | None = None, state: dict | None = None) -> Tensor:
@@ -90,15 +92,18 @@ class ToyTransformer(nn.Module, _model_hub_mixin()):
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.positional = build_component(config.positional, config)
+        self.hook_embed = HookPoint()
+        self.hook_pos_embed = HookPoint()
         self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layers))
         self.ln_final = build_component(config.norm, config)
         self.unembed = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.dropout = nn.Dropout(config.dropout)
-        self.hook_embed = HookPoint()
-        self.hook_pos_embed = HookPoint()
         self._init_weights()
         if config.tie_embeddings:
             self.unembed.weight = self.embed.weight
+        for name, module in self.named_modules():  # TL's hook.name
+            if isinstance(module, HookPoint):
+                module.name = name
 
     def _init_weights(self) -> None:
         for module in self.modules():
@@ -144,16 +149,47 @@ class ToyTransformer(nn.Module, _model_hub_mixin()):
             cache.offset += tokens.shape[1]
         return self.unembed(self.ln_final(x))
 
-    def run_with_cache(self, tokens: Tensor, names_filter: Any = None, **kwargs: Any) -> tuple[Tensor, dict[str, Tensor]]:
+    def run_with_cache(self, tokens: Tensor, names_filter: Any = None, **kwargs: Any):
         """(logits, cache): the activations at every HookPoint (or those ``names_filter`` keeps: a
-        name, names, or a predicate), detached, hooks removed afterwards even on error. Names:
-        hook_embed, hook_pos_embed, blocks.{i}.hook_resid_pre / hook_attn_out / hook_resid_mid /
-        hook_mlp_out / hook_resid_post, blocks.{i}.attn.hook_q / hook_k / hook_v / hook_scores /
-        hook_pattern / hook_z / hook_result (per-head z_h @ W_O[h]), blocks.{i}.mlp.hook_left /
-        hook_right / hook_hidden. Shapes and options: `qtoy_core.analysis.cache.run_with_cache`."""
+        name, names, or a predicate) as an `ActivationCache` (a mapping, in execution order, with
+        TransformerLens's shorthands and residual helpers), detached, hooks removed afterwards even on
+        error. Names and layouts are TL's: hook_embed, hook_pos_embed, blocks.{i}.hook_resid_pre /
+        hook_attn_out / hook_resid_mid / hook_mlp_out / hook_resid_post, blocks.{i}.attn.hook_q /
+        hook_k (before RoPE) / hook_rot_q / hook_rot_k (after) / hook_v / hook_z (batch, pos, head,
+        d_head), hook_scores / hook_pattern (batch, head, query_pos, key_pos), hook_result (batch,
+        pos, head, d_model), blocks.{i}.mlp.hook_hidden (and hook_left / hook_right / hook_pre).
+        Shapes and options: `qtoy_core.analysis.cache.run_with_cache`."""
         from .analysis.cache import run_with_cache
 
         return run_with_cache(self, tokens, names_filter, **kwargs)
+
+    def run_with_hooks(self, tokens: Tensor, fwd_hooks: Any = (), reset_hooks_end: bool = True,
+                       **kwargs: Any) -> Tensor:
+        """Logits of a forward with ``fwd_hooks`` = [(hook name or predicate on names, fn), ...]
+        attached, as TransformerLens: ``fn(activation, hook)`` may return a replacement of the same
+        shape. Hooks are removed afterwards, also when the forward raises. See
+        `qtoy_core.analysis.hooks`."""
+        from .analysis.hooks import run_with_hooks
+
+        return run_with_hooks(self, tokens, fwd_hooks, reset_hooks_end, **kwargs)
+
+    def hooks(self, fwd_hooks: Any = (), reset_hooks_end: bool = True):
+        """``with model.hooks(fwd_hooks=[...]):`` hooks attached for the block, removed at its end."""
+        from .analysis.hooks import hooks
+
+        return hooks(self, fwd_hooks, reset_hooks_end)
+
+    def add_hook(self, name: Any, hook: Any) -> None:
+        """Attach a forward hook until `reset_hooks` (TL's ``add_hook``; forward hooks only)."""
+        from .analysis.hooks import add_hook
+
+        add_hook(self, name, hook)
+
+    def reset_hooks(self) -> None:
+        """Remove the hooks `add_hook` (or ``reset_hooks_end=False``) left on the model."""
+        from .analysis.hooks import reset_hooks
+
+        reset_hooks(self)
 
     def new_cache(self, mode: str = "recurrent") -> GenerationCache:
         return GenerationCache(len(self.blocks), mode=mode)

@@ -278,10 +278,11 @@ def test_run_with_cache_names_shapes_and_cleanup():
         b = f"blocks.{i}."
         expect.update({b + "hook_resid_pre": (B_, T_, D), b + "hook_attn_out": (B_, T_, D),
                        b + "hook_resid_mid": (B_, T_, D), b + "hook_mlp_out": (B_, T_, D),
-                       b + "hook_resid_post": (B_, T_, D), b + "attn.hook_q": (B_, H, T_, d),
-                       b + "attn.hook_k": (B_, H, T_, d), b + "attn.hook_v": (B_, H, T_, d),
+                       b + "hook_resid_post": (B_, T_, D), b + "attn.hook_q": (B_, T_, H, d),
+                       b + "attn.hook_k": (B_, T_, H, d), b + "attn.hook_v": (B_, T_, H, d),
+                       b + "attn.hook_rot_q": (B_, T_, H, d), b + "attn.hook_rot_k": (B_, T_, H, d),
                        b + "attn.hook_scores": (B_, H, T_, T_), b + "attn.hook_pattern": (B_, H, T_, T_),
-                       b + "attn.hook_z": (B_, H, T_, d), b + "attn.hook_result": (B_, T_, H, D),
+                       b + "attn.hook_z": (B_, T_, H, d), b + "attn.hook_result": (B_, T_, H, D),
                        b + "mlp.hook_left": (B_, T_, dm), b + "mlp.hook_right": (B_, T_, dm),
                        b + "mlp.hook_hidden": (B_, T_, dm)})
     assert {k: tuple(v.shape) for k, v in cache.items()} == expect

@@ -1,6 +1,6 @@
 from torch import nn
 
-from qtoy_core import QKProductAttention
+from qtoy_core import HookPoint, QKProductAttention
 
 
 class BilinearAttention(QKProductAttention):
@@ -14,6 +14,10 @@ class BilinearAttention(QKProductAttention):
         inner = model.n_head * model.d_head
         self.q2_proj = nn.Linear(model.d_model, inner, bias=config.bias)
         self.k2_proj = nn.Linear(model.d_model, inner, bias=config.bias)
+        # The second QK pair's hook points (before / after the rotation), as for q and k: the base's
+        # `heads` finds them by the projection's name.
+        self.hook_q2, self.hook_rot_q2 = HookPoint(heads_first=True), HookPoint(heads_first=True)
+        self.hook_k2, self.hook_rot_k2 = HookPoint(heads_first=True), HookPoint(heads_first=True)
 
     def qk_factors(self):
         """The (q_proj, k_proj, scale) pairs whose scaled scores multiply into the pattern."""

@@ -6,8 +6,11 @@
 
 Modules: `weights` (per-head weight views through the components' ``weight_views()``), `circuits`
 (direct path, QK/OV circuits as `FactoredMatrix`, RoPE kernels, composition, bilinear MLP
-eigendecomposition, `analyze_model`), `cache` (`run_with_cache`, hook names), `factored`
-(`FactoredMatrix`), `tensor_network` (exact quimb networks). Names load lazily on first use.
+eigendecomposition, `analyze_model`), `cache` (`run_with_cache`, `ActivationCache`, hook names, in
+TransformerLens's names and layouts), `hooks` (`run_with_hooks`, `hooks`: interventions), `ablation`
+(zero / mean / resample ablations, `ablation_scan`), `patching` (activation patching, TL's
+``get_act_patch_*``, heat maps), `factored` (`FactoredMatrix`), `tensor_network` (exact quimb
+networks). Names load lazily on first use.
 """
 
 from __future__ import annotations
@@ -31,7 +34,15 @@ _LAZY = {
     "CompositionScores": ".circuits", "HeadPair": ".circuits", "MLPEigen": ".circuits",
     "EigenDirection": ".circuits",
     # cache
-    "run_with_cache": ".cache", "hook_names": ".cache",
+    "run_with_cache": ".cache", "hook_names": ".cache", "ActivationCache": ".cache", "act_name": ".cache",
+    # interventions
+    "run_with_hooks": ".hooks", "hooks": ".hooks", "add_hook": ".hooks", "reset_hooks": ".hooks",
+    "UnknownHookError": ".hooks",
+    "ablate": ".ablation", "ablation_hooks": ".ablation", "ablation_scan": ".ablation", "Head": ".ablation",
+    "AttnLayer": ".ablation", "MLPLayer": ".ablation", "Neuron": ".ablation", "ResidPosition": ".ablation",
+    "activation_patching": ".patching", "PatchResult": ".patching", "patching_html": ".patching",
+    "logit_diff_metric": ".patching", "loss_metric": ".patching",
+    "get_act_patch_resid_pre": ".patching", "get_act_patch_attn_head_out_by_pos": ".patching",
     # factored
     "FactoredMatrix": ".factored", "composition_score": ".factored",
 }
