@@ -1,6 +1,6 @@
 from torch import Tensor, nn
 
-from qtoy_core.interfaces import HookPoint
+from qtoy_core import HookPoint
 
 
 class NoNorm(nn.Identity):
