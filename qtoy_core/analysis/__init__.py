@@ -6,7 +6,8 @@
 
 Modules: `weights` (per-head weight views through the components' ``weight_views()``), `circuits`
 (direct path, QK/OV circuits as `FactoredMatrix`, RoPE kernels, composition, bilinear MLP
-eigendecomposition, `analyze_model`), `cache` (`run_with_cache`, hook names), `factored`
+eigendecomposition, `analyze_model`), `attribution` (exact logit attribution, the path expansion of
+polynomial attention), `cache` (`run_with_cache`, hook names), `factored`
 (`FactoredMatrix`), `tensor_network` (exact quimb networks). Names load lazily on first use.
 """
 
@@ -21,7 +22,7 @@ _LAZY = {
     "component_views": ".weights", "relative_rotations": ".weights",
     # circuits
     "analyze_model": ".circuits", "analyze_layer_heads": ".circuits", "direct_path": ".circuits",
-    "direct_path_top": ".circuits", "qk_circuit": ".circuits", "qk_matrix": ".circuits",
+    "direct_path_top": ".circuits", "embeddings_tied": ".circuits", "DOMINANT_EIGENVALUE_SHARE": ".circuits", "qk_circuit": ".circuits", "qk_matrix": ".circuits",
     "qk_kernel": ".circuits", "ov_circuit": ".circuits", "ov_matrix": ".circuits",
     "positional_qk": ".circuits", "spectrum": ".circuits", "search_topk": ".circuits", "top_pairs": ".circuits",
     "composition_scores": ".circuits", "composition_baseline": ".circuits", "rank_head_pairs": ".circuits",
@@ -30,6 +31,10 @@ _LAZY = {
     "QKCircuit": ".circuits", "OVCircuit": ".circuits", "HeadCircuits": ".circuits",
     "CompositionScores": ".circuits", "HeadPair": ".circuits", "MLPEigen": ".circuits",
     "EigenDirection": ".circuits",
+    # attribution
+    "logit_attribution": ".attribution", "path_expansion": ".attribution", "top_paths": ".attribution",
+    "residual_parts": ".attribution", "LogitAttribution": ".attribution", "PathExpansion": ".attribution",
+    "PathGroup": ".attribution", "ResidualParts": ".attribution", "AttributionError": ".attribution",
     # cache
     "run_with_cache": ".cache", "hook_names": ".cache",
     # factored
