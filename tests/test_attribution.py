@@ -257,33 +257,35 @@ def test_planted_induction_circuit_is_found_by_every_method():
     assert copy_after - copy_before > 2.0 and abs(fresh_after - fresh_before) < 0.05
     # the exact attribution of the answer logit names the planted path, and only it is large
     prompt = seqs[:1, :12]  # ... x y ... x: predicts y
-    answer = int(seqs[0, 4 + 1])  # position 11 repeats position 3, so the answer is token 4
-    assert int(prompt[0, 11]) == int(prompt[0, 3])
+    assert int(prompt[0, 11]) == int(prompt[0, 3])  # position 11 repeats position 3: the answer is token 4
     answer = int(prompt[0, 4])
     paths = top_paths(model, prompt, target=answer, position=-1, k=3)
     assert paths[0].name == f"L0H{PREV} -> K of L1H{IND} (induction)"
     assert paths[0].v == "embed" and paths[0].q == ("embed", "embed") and paths[0].k == (f"L0H{PREV}",) * 2
     assert abs(paths[0].value) > 10 * abs(paths[1].value)
-    # patching the residual stream at the first occurrence from the clean into a corrupted prompt restores it
+    # patching: corrupt the earlier occurrence (position 3); the clean residual stream entering layer 1 at
+    # the position after it (4: where the previous-token head wrote "token 3") restores the answer logit,
+    # the stream at position 3 itself does not (the induction head reads the key one position on)
     corrupted = prompt.clone()
-    corrupted[0, 3] = (int(prompt[0, 3]) + 1) % 16
-    while int(corrupted[0, 3]) in prompt[0].tolist():
-        corrupted[0, 3] = (int(corrupted[0, 3]) + 1) % 16
-    _, clean = model.run_with_cache(prompt, names_filter="blocks.0.hook_resid_pre")
-    hook = model.blocks[0].hook_resid_pre
+    corrupted[0, 3] = next(t for t in range(16) if t not in prompt[0].tolist())
+    _, clean = model.run_with_cache(prompt, names_filter="blocks.1.hook_resid_pre")
 
-    def patch(module, args, output):
-        output = output.clone()
-        output[:, 3] = clean["blocks.0.hook_resid_pre"][:, 3]
-        return output
+    def patched_logit(position):
+        def patch(module, args, output):
+            output = output.clone()
+            output[:, position] = clean["blocks.1.hook_resid_pre"][:, position]
+            return output
 
-    handle = hook.register_forward_hook(patch)
-    try:
-        patched = model(corrupted)[0, -1, answer].item()
-    finally:
-        handle.remove()
+        handle = model.blocks[1].hook_resid_pre.register_forward_hook(patch)
+        try:
+            return model(corrupted)[0, -1, answer].item()
+        finally:
+            handle.remove()
+
     clean_logit, corrupt_logit = model(prompt)[0, -1, answer].item(), model(corrupted)[0, -1, answer].item()
-    assert clean_logit - corrupt_logit > 3.0 and patched == pytest.approx(clean_logit, abs=1e-9)
+    restored = lambda x: (x - corrupt_logit) / (clean_logit - corrupt_logit)  # noqa: E731
+    assert clean_logit - corrupt_logit > 3.0
+    assert restored(patched_logit(4)) > 0.9 and abs(restored(patched_logit(3))) < 0.1
 
 
 # ------------------------------------------------------------------ the readings of the report
@@ -355,16 +357,108 @@ def ov_heads_model():
 
 def test_copying_score_reports_the_top_eigenvalue_share():
     model = ov_heads_model()
-    specs = spectrum(ov_circuit(model, 0))
+    specs = spectrum(ov_circuit(model, 0))  # float32 views
     # head 0: eigenvalues -5 + 0.1 and seven times 0.1
     top, rest = 4.9, 0.7
-    assert specs[0].top_share == pytest.approx(top / (top + rest), rel=1e-9)
-    assert specs[0].copying_score == pytest.approx((-top + rest) / (top + rest), rel=1e-9) and specs[0].copying_score < 0
-    assert specs[0].copying_score_rest == pytest.approx(1.0) and specs[0].one_eigenvalue
-    assert specs[1].top_share == pytest.approx(1 / 8, rel=1e-9) and not specs[1].one_eigenvalue
-    assert specs[1].copying_score == pytest.approx(1.0)
+    assert specs[0].top_share == pytest.approx(top / (top + rest), rel=1e-5)
+    assert specs[0].copying_score == pytest.approx((-top + rest) / (top + rest), rel=1e-5) and specs[0].copying_score < 0
+    assert specs[0].copying_score_rest == pytest.approx(1.0, rel=1e-5) and specs[0].one_eigenvalue
+    assert specs[1].top_share == pytest.approx(1 / 8, rel=1e-5) and not specs[1].one_eigenvalue
+    assert specs[1].copying_score == pytest.approx(1.0, rel=1e-5)
     heads = analyze_layer_heads(model, 0, top_k=3)
     assert heads[0].ov_one_eigenvalue and heads[0].ov_top_share >= DOMINANT_EIGENVALUE_SHARE
     assert not heads[1].ov_one_eigenvalue
     page = Report.from_model(model, top_k=3, plots=False).html
     assert page.count(">one eigenvalue</span>") == 1 and "OV top |\u03bb| share" in page
+
+
+# ------------------------------------------------------------------------------------ the CLI
+CLI_TEXT = "Once upon a time Zorblin went to the market. Zorblin bought a kite. Then Zorblin"
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory):
+    """Run folders (model + tokenizer.json) of a 2-layer quadratic model, an RMSNorm one and a softmax one."""
+    from qtoy_core.data import train_bpe
+
+    base = tmp_path_factory.mktemp("attr-cli")
+    tok = train_bpe([CLI_TEXT * 3, "the market and a kite went home"], vocab_size=300)
+    runs = {}
+    for name, opts in (("quadratic", {}), ("rmsnorm", {"norm": "rmsnorm"}), ("softmax", {"attn": "softmax"})):
+        torch.manual_seed(0)
+        model = build_model("attention_only_2L", vocab_size=300, d_model=32, n_head=2, n_ctx=64, **opts)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0.0, 0.2)
+        folder = base / name
+        model.save_pretrained(folder)
+        tok.save(str(folder / "tokenizer.json"))
+        runs[name] = str(folder)
+    return runs
+
+
+def _cli(capsys, *args):
+    from qtoy_cli.main import main
+
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_attribute_writes_the_page_and_json(cli_runs, tmp_path, capsys):
+    import json
+    import re
+
+    from qtoy_core.analysis.report import format_number, report_numbers
+    from qtoy_core.data import Tokenizer
+
+    out, js = tmp_path / "attr.html", tmp_path / "attr.json"
+    code, stdout, err = _cli(capsys, "attribute", cli_runs["quadratic"], "--text", CLI_TEXT, "--target", " kite",
+                             "--position", "-1", "--out", str(out), "--json", str(js))
+    assert code == 0, err
+    data = json.loads(js.read_text())
+    tok = Tokenizer.from_file(cli_runs["quadratic"] + "/tokenizer.json")
+    ids = tok.encode(CLI_TEXT)
+    assert data["target"]["id"] == tok.encode(" kite")[0] and data["position"] == len(ids) - 1
+    assert not data["approximate"] and data["paths"]["shown"] and data["paths"]["top"]
+    assert data["sum_of_parts"] == pytest.approx(data["logit"], rel=1e-5, abs=1e-6)
+    assert {p["label"] for p in data["parts"]} >= {"embed", "L0H0", "L0H1", "L1H0", "L1H1"}
+    page = out.read_text()
+    assert page.startswith("<!DOCTYPE html>") and not re.search(r"https?://", page) and "<script" not in page
+    cells = [re.sub(r"<[^>]+>", "", c).strip() for c in re.findall(r'<td class="num">(.*?)</td>', page, flags=re.S)]
+    numbers = report_numbers(data)
+    assert cells and all(c in numbers for c in cells)
+    assert format_number(data["paths"]["top"][0]["value"]) in cells
+    # --json alone: JSON on standard output; default target: the model's top prediction
+    code, stdout, err = _cli(capsys, "attribute", cli_runs["rmsnorm"], "--text", CLI_TEXT, "--out",
+                             str(tmp_path / "b.html"), "--json")
+    assert code == 0, err
+    data = json.loads(stdout)
+    assert data["approximate"] and data["target"]["chosen"] == "the model's top prediction" and data["rank"] == 1
+    assert not data["paths"]["shown"] and "RMSNorm" in data["paths"]["note"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--target", " Zorblin kite"), "is not a token in the vocabulary"),
+    (("--target-id", "300"), "not in the vocabulary"),
+    (("--position", "99"), "position 99 is out of range"),
+])
+def test_cli_attribute_bad_input(cli_runs, tmp_path, capsys, args, message):
+    code, _, err = _cli(capsys, "attribute", cli_runs["quadratic"], "--text", CLI_TEXT, "--out",
+                        str(tmp_path / "x.html"), *args)
+    assert code != 0 and message in err and "Traceback" not in err
+
+
+def test_cli_attribute_refuses_paths_it_cannot_expand(cli_runs, tmp_path, capsys):
+    code, _, err = _cli(capsys, "attribute", cli_runs["rmsnorm"], "--text", CLI_TEXT, "--paths", "--out",
+                        str(tmp_path / "x.html"))
+    assert code == 2 and "RMSNorm" in err and "--norm none" in err and "Traceback" not in err
+    code, _, err = _cli(capsys, "attribute", cli_runs["softmax"], "--text", CLI_TEXT, "--paths", "--out",
+                        str(tmp_path / "x.html"))
+    assert code == 2 and "not a product of QK forms" in err and "Traceback" not in err
+    code, _, err = _cli(capsys, "attribute", cli_runs["softmax"], "--text", CLI_TEXT, "--out", str(tmp_path / "y.html"))
+    assert code == 0, err  # without --paths: the parts, and a note where the paths would be

@@ -406,7 +406,7 @@ def _head_summary(layer: int, heads: list[dict], squared: bool = False) -> str:
     for h in heads:
         flag = ('<span class="pill" title="the top eigenvalue has at least half of \u03a3|\u03bb|: it alone sets '
                 'the copying score">one eigenvalue</span>' if h.get("ov_one_eigenvalue") else "")
-        cells = [f'<td class="num">{_esc(format_number(h.get("copying_score")))}{flag}</td>',
+        cells = [_td(h.get("copying_score")),
                  _td(_get(h, "ov", "spectrum", "top_share")),
                  _td(_get(h, "ov", "spectrum", "copying_score_rest"))]
         ov_top = _complex(_get(h, "ov", "spectrum", "eigenvalues"))[:1]
@@ -420,8 +420,8 @@ def _head_summary(layer: int, heads: list[dict], squared: bool = False) -> str:
         best = _get(h, "ov", "top_pairs", "pairs", 0)
         ov = (f'{_tok(best.get("row_token"), best.get("row"))} \u2192 {_tok(best.get("col_token"), best.get("col"))}'
               if best else "")
-        rows.append(f'<tr><th scope="row"><a href="#head-{layer}-{h.get("head")}">{layer}.{_esc(h.get("head"))}</a></th>'
-                    f'{"".join(cells)}<td class="tok">{ov}</td></tr>')
+        rows.append(f'<tr><th scope="row"><a href="#head-{layer}-{h.get("head")}">{layer}.{_esc(h.get("head"))}</a>'
+                    f'{flag}</th>{"".join(cells)}<td class="tok">{ov}</td></tr>')
     return ('<table class="summary"><thead><tr><th>head</th><th>OV copying score</th><th>OV top |\u03bb| share</th>'
             '<th>OV copying without top \u03bb</th><th>OV top eigenvalue re</th>'
             f'<th>OV top eigenvalue im</th>{qk_cols}<th>strongest OV pair</th></tr></thead>'
