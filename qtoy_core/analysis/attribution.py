@@ -359,7 +359,7 @@ class PathExpansion(Result):
         out = []
         for row, val in zip(uniq.tolist(), sums):
             v, q, k = row[0], tuple(row[1:1 + F]), tuple(row[1 + F:])
-            value = float(val) if val.ndim == 0 else val
+            value = float(val) if val.numel() == 1 else val
             out.append(PathGroup(self.layer, self.head, self.sources[v], tuple(self.sources[i] for i in q),
                                  tuple(self.sources[i] for i in k), self._name(v, q, k), value))
         return out
