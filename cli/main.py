@@ -25,6 +25,7 @@ SUBCOMMANDS = {
     "visualize": ("qtoy_cli.analysis", "visualize_command"),
     "analyze": ("qtoy_cli.analysis", "analyze_command"),
     "patch": ("qtoy_cli.patch", "patch_command"),
+    "attribute": ("qtoy_cli.attribute", "attribute_command"),
     "new-plugin": ("qtoy_cli.new_plugin", "new_plugin_command"),
 }
 

@@ -239,9 +239,14 @@ def test_bilinear_mlp_quadratic_form_and_eigendecomposition():
 def test_top_pairs_exact_and_restricted_search():
     model = small("attention_only_1L", tie_embeddings=False)
     dense = direct_path(model).AB
-    top = direct_path_top(model, 5)
+    raw = direct_path_top(model, 5, centre=False)
     vals, idx = dense.flatten().topk(5)
+    assert [(p.row, p.col) for p in raw.pairs] == [(int(i) // V, int(i) % V) for i in idx] and raw.exact
+    # the default ranking: row-centred logits (untied embeddings: the diagonal stays in)
+    top = direct_path_top(model, 5)
+    vals, idx = (dense - dense.mean(1, keepdim=True)).flatten().topk(5)
     assert [(p.row, p.col) for p in top.pairs] == [(int(i) // V, int(i) % V) for i in idx] and top.exact
+    assert [p.logit for p in top.pairs] == pytest.approx([float(dense[p.row, p.col]) for p in top.pairs], rel=1e-5)
     # a restricted search: certified when a few rows/columns dominate, uncertified otherwise
     g = torch.Generator().manual_seed(1)
     A, B = torch.randn(500, 8, generator=g), torch.randn(8, 400, generator=g)

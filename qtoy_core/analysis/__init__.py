@@ -10,7 +10,8 @@ eigendecomposition, `analyze_model`), `cache` (`run_with_cache`, `ActivationCach
 TransformerLens's names and layouts), `hooks` (`run_with_hooks`, `hooks`: interventions), `ablation`
 (zero / mean / resample ablations, `ablation_scan`), `patching` (activation patching, TL's
 ``get_act_patch_*``, heat maps), `factored` (`FactoredMatrix`), `tensor_network` (exact quimb
-networks). Names load lazily on first use.
+networks), `attribution` (exact logit attribution, the path expansion of polynomial attention).
+Names load lazily on first use.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ _LAZY = {
     "component_views": ".weights", "relative_rotations": ".weights",
     # circuits
     "analyze_model": ".circuits", "analyze_layer_heads": ".circuits", "direct_path": ".circuits",
-    "direct_path_top": ".circuits", "qk_circuit": ".circuits", "qk_matrix": ".circuits",
+    "direct_path_top": ".circuits", "embeddings_tied": ".circuits", "DOMINANT_EIGENVALUE_SHARE": ".circuits", "qk_circuit": ".circuits", "qk_matrix": ".circuits",
     "qk_kernel": ".circuits", "ov_circuit": ".circuits", "ov_matrix": ".circuits",
     "positional_qk": ".circuits", "spectrum": ".circuits", "search_topk": ".circuits", "top_pairs": ".circuits",
     "composition_scores": ".circuits", "composition_baseline": ".circuits", "rank_head_pairs": ".circuits",
@@ -33,6 +34,10 @@ _LAZY = {
     "QKCircuit": ".circuits", "OVCircuit": ".circuits", "HeadCircuits": ".circuits",
     "CompositionScores": ".circuits", "HeadPair": ".circuits", "MLPEigen": ".circuits",
     "EigenDirection": ".circuits",
+    # attribution
+    "logit_attribution": ".attribution", "path_expansion": ".attribution", "top_paths": ".attribution",
+    "residual_parts": ".attribution", "LogitAttribution": ".attribution", "PathExpansion": ".attribution",
+    "PathGroup": ".attribution", "ResidualParts": ".attribution", "AttributionError": ".attribution",
     # cache
     "run_with_cache": ".cache", "hook_names": ".cache", "ActivationCache": ".cache", "act_name": ".cache",
     # interventions

@@ -5,13 +5,20 @@ Every vocab x vocab circuit is a `FactoredMatrix` (two thin factors), never mate
 the "output" one:
 
 * `direct_path`: ``W_E W_U`` (current token x next-token logit): bigram statistics.
+  `direct_path_top` ranks it by the **row-centred** logit (the entry minus its row's mean over next
+  tokens: what the softmax sees, so a row's overall level does not count) and, with tied embeddings,
+  **leaves out the diagonal** t -> t: ``W_E W_E^T`` is then a Gram matrix whose diagonal holds the
+  squared embedding norms, so the raw top entries are just the tokens with the largest embeddings.
 * `qk_circuit`: ``scale * W_E W_Q[h] K(o) W_K[h]^T W_E^T`` (query token x key token), the scaled
   bilinear form of one QK pair for a query ``o`` positions after the key (``K(o)`` the relative
   rotation of RoPE, the identity at offset 0 and without RoPE). **Quadratic attention squares
   this form**: the pattern entry is ``form**2`` (no softmax), so its sign does not matter and top
   pairs are ranked by ``|form|``; bilinear attention multiplies its two forms (two QK circuits).
 * `ov_circuit`: ``W_E W_V[h] W_O[h] W_U`` (source token x output logit); `FactoredMatrix.copying_score`
-  of it is > 0 for a head that copies what it attends to.
+  of it is > 0 for a head that copies what it attends to. `Spectrum.top_share` is the top
+  eigenvalue's share of ``sum |eig|``; at or above `DOMINANT_EIGENVALUE_SHARE` (0.5) that one
+  eigenvalue outweighs all the others together, so it alone sets the score's sign
+  (``HeadCircuits.ov_one_eigenvalue``; ``Spectrum.copying_score_rest`` is the score without it).
 * `qk_kernel`: the position-resolved form of chosen token pairs, offset 0..n_ctx-1, computed along
   the model's own q/k path (``positional.rotate``).
 * `composition_scores`: Q-, K-, V-composition of later heads with earlier heads' OV circuits
@@ -45,15 +52,20 @@ from .weights import LayerWeights, ModelWeights, model_weights, relative_rotatio
 __all__ = [
     "CompositionScores", "EigenDirection", "HeadCircuits", "HeadPair", "MLPEigen", "OVCircuit",
     "PositionalKernel", "QKCircuit", "Result", "Spectrum", "TokenPair", "TopPairs",
-    "DEFAULT_MAX_TOKENS", "QUADRATIC_NOTE",
+    "DEFAULT_MAX_TOKENS", "DOMINANT_EIGENVALUE_SHARE", "QUADRATIC_NOTE",
     "analyze_layer_heads", "analyze_model", "composition_baseline", "composition_scores", "direct_path",
-    "direct_path_top", "few_threads", "induction_heads", "mlp_eigen", "mlp_interaction", "ov_circuit", "ov_matrix", "positional_qk",
+    "direct_path_top", "embeddings_tied", "few_threads", "induction_heads", "mlp_eigen", "mlp_interaction", "ov_circuit", "ov_matrix", "positional_qk",
     "qk_circuit", "qk_kernel", "qk_matrix", "rank_head_pairs", "search_topk", "spectrum", "top_pairs",
 ]
 
 #: `top_pairs` searches at most this many rows and columns exhaustively (those with the largest
 #: factor norms); beyond that the result carries ``exact`` (certified or not) - see `search_topk`.
 DEFAULT_MAX_TOKENS = 4096
+
+#: A circuit whose largest eigenvalue has at least this share of ``sum |eig|`` has a copying score
+#: set by that one eigenvalue: it outweighs all the others together, so (when it is real) the sign of
+#: ``sum Re(eig)`` is its sign whatever the others do. Nearly rank-one OV circuits land here.
+DOMINANT_EIGENVALUE_SHARE = 0.5
 
 QUADRATIC_NOTE = ("quadratic attention: the attention score (pattern entry, no softmax) is the SQUARE of this "
                   "bilinear form, so its sign does not matter; pairs are ranked by |form| and `squared` is the score")
@@ -101,6 +113,7 @@ class TokenPair(Result):
     squared: float | None = None  # quadratic attention: value**2, the attention score
     other_factor: float | None = None  # bilinear attention: the other QK form at this pair
     score: float | None = None  # the attention score at this pair (squared, or the product of forms)
+    logit: float | None = None  # direct path: the raw W_E W_U entry (``value`` is then row-centred)
 
 
 @dataclass
@@ -129,11 +142,22 @@ class TopPairs(Result):
 @dataclass
 class Spectrum(Result):
     """Eigenvalues of a square circuit (largest modulus first, ``[re, im]`` in JSON), all its
-    nonzero ones among them; ``copying_score`` = sum(Re eig) / sum(|eig|) in [-1, 1]."""
+    nonzero ones among them; ``copying_score`` = sum(Re eig) / sum(|eig|) in [-1, 1].
+
+    ``top_share`` = |eig_1| / sum(|eig|) (1 for a rank-one circuit); ``copying_score_rest`` is the
+    copying score of the other eigenvalues (None when they are below 1e-6 of the total): when ``top_share`` is at
+    least `DOMINANT_EIGENVALUE_SHARE` the score is set by the top eigenvalue alone (``one_eigenvalue``)
+    and the rest may well have the opposite sign."""
 
     eigenvalues: Tensor
     copying_score: float
     n_nonzero_max: int
+    top_share: float = 0.0
+    copying_score_rest: float | None = None
+
+    @property
+    def one_eigenvalue(self) -> bool:
+        return self.top_share >= DOMINANT_EIGENVALUE_SHARE
 
 
 @dataclass
@@ -185,6 +209,8 @@ class HeadCircuits(Result):
     ov: OVCircuit
     copying_score: float
     positional_profile: list[float] | None = None  # learned W_pos: mean W_pos QK form per offset
+    ov_top_share: float = 0.0  # the top OV eigenvalue's share of sum |eig| (see Spectrum.top_share)
+    ov_one_eigenvalue: bool = False  # ov_top_share >= DOMINANT_EIGENVALUE_SHARE: the score is that eigenvalue's
 
 
 @dataclass
@@ -364,9 +390,15 @@ def spectrum(fm: FactoredMatrix, top: int | None = None) -> list[Spectrum]:
     eig = eig.reshape(-1, eig.shape[-1])
     out = []
     for e in eig:
-        denom = float(e.abs().sum())
+        mod = e.abs()
+        denom = float(mod.sum())
         score = float(e.real.sum()) / denom if denom > 0 else 0.0
-        out.append(Spectrum(e[:top] if top else e, score, e.shape[-1]))
+        # eigenvalues come largest modulus first: e[0] is the top one
+        share = float(mod[0]) / denom if denom > 0 else 0.0
+        rest_denom = float(mod[1:].sum())
+        # the rest of a rank-one circuit is rounding noise: no score for it
+        rest = float(e.real[1:].sum()) / rest_denom if rest_denom > 1e-6 * denom else None
+        out.append(Spectrum(e[:top] if top else e, score, e.shape[-1], share, rest))
     return out
 
 
@@ -484,12 +516,69 @@ def top_pairs(fm: FactoredMatrix, k: int = 10, *, circuit: str, rows: str, cols:
     return out
 
 
+def embeddings_tied(model: Any) -> bool:
+    """Whether ``W_U`` is ``W_E^T`` up to a per-dimension gain (tied embeddings, with a final norm's
+    gain folded in): then ``W_E W_U`` is a (weighted) Gram matrix. Read off the weights."""
+    w = _weights(model)
+    E, U = w.W_E.T, w.W_U  # both (d_model, vocab)
+    if E.shape != U.shape:
+        return False
+    g = (U * E).sum(1) / (E * E).sum(1).clamp_min(torch.finfo(E.dtype).tiny)
+    return bool(torch.allclose(g[:, None] * E, U, rtol=1e-5, atol=1e-7 * float(U.abs().max().clamp_min(1e-30))))
+
+
 def direct_path_top(model: Any, k: int = 10, *, tokenizer: Any = None,
-                    max_tokens: int | None = DEFAULT_MAX_TOKENS) -> TopPairs:
-    """The top bigrams of the direct path (largest ``W_E W_U`` entries)."""
-    return top_pairs(direct_path(model), k, circuit="direct_path", rows="current token",
-                     cols="next-token logit", tokenizer=tokenizer, max_tokens=max_tokens,
-                     note="W_E W_U: the logit the direct path gives the next token (bigram statistics)")[0]
+                    max_tokens: int | None = DEFAULT_MAX_TOKENS, centre: bool = True,
+                    exclude_diagonal: bool | None = None) -> TopPairs:
+    """The top bigrams of the direct path: what the embedding and unembedding alone predict next.
+
+    Ranked by the row-centred logit ``W_E W_U[t, u] - mean_u' W_E W_U[t, u']`` (``centre``; the
+    softmax over next tokens ignores a row's constant) with the diagonal ``t -> t`` left out when
+    ``exclude_diagonal`` (default: when the embeddings are tied, `embeddings_tied`): ``W_E W_E^T``'s
+    diagonal is the squared embedding norms, not a prediction. Each pair's ``value`` is the ranked
+    (centred) entry and ``logit`` the raw ``W_E W_U`` entry. Exhaustive up to ``max_tokens`` rows and
+    columns, beyond that certified or not as in `search_topk`.
+    """
+    w = _weights(model)
+    if exclude_diagonal is None:
+        exclude_diagonal = embeddings_tied(w)
+    a = w.W_E
+    b = w.W_U - w.W_U.mean(1, keepdim=True) if centre else w.W_U
+    m, n = a.shape[0], b.shape[1]
+    r_idx = c_idx = None
+    if max_tokens is not None and m > max_tokens:
+        r_idx = torch.linalg.vector_norm(a, dim=1).topk(max_tokens).indices
+    if max_tokens is not None and n > max_tokens:
+        c_idx = torch.linalg.vector_norm(b, dim=0).topk(max_tokens).indices
+    sub_a = a if r_idx is None else a.index_select(0, r_idx)
+    sub_b = b if c_idx is None else b.index_select(1, c_idx)
+    # every one of the top-k off-diagonal entries is among its row's top k + 1 entries
+    per_row = min(k + int(exclude_diagonal), sub_b.shape[1])
+    rt = FactoredMatrix(sub_a, sub_b).topk_rows(per_row)
+    rows = (torch.arange(m) if r_idx is None else r_idx)[:, None].expand_as(rt.indices)
+    cols = rt.indices if c_idx is None else c_idx[rt.indices]
+    vals = rt.values.clone()
+    if exclude_diagonal:
+        vals[rows == cols] = float("-inf")
+    vals, rows, cols = vals.flatten(), rows.flatten(), cols.flatten()
+    kk = min(k, int(torch.isfinite(vals).sum()))
+    best = vals.topk(kk)
+    vals, rows, cols = best.values, rows[best.indices], cols[best.indices]
+    exact = True
+    if r_idx is not None or c_idx is not None:
+        exact = _certified(a, b, r_idx, c_idx, vals, k, False)
+    raw = (w.W_E[rows] * w.W_U[:, cols].T).sum(-1)
+    pairs = [TokenPair(int(r), int(c), float(v), _decode(tokenizer, int(r)), _decode(tokenizer, int(c)),
+                       logit=float(x)) for v, r, c, x in zip(vals, rows, cols, raw)]
+    how = ("row-centred logit" if centre else "logit") + (", diagonal left out" if exclude_diagonal else "")
+    note = ("W_E W_U: the logit the direct path gives the next token (bigram statistics)"
+            + ("; ranked by the row-centred logit (the entry minus its row's mean: what the softmax sees)"
+               if centre else "")
+            + ("; t -> t left out: with tied embeddings W_E W_U is a Gram matrix whose diagonal is the squared "
+               "embedding norms" if exclude_diagonal else "")
+            + "; `logit` is the raw entry")
+    return TopPairs("direct_path", "current token", "next-token logit", how, pairs, note=note, exact=exact,
+                    searched_rows=sub_a.shape[0], searched_cols=sub_b.shape[1])
 
 
 # ------------------------------------------------------------------------------ composition
@@ -702,7 +791,7 @@ def analyze_layer_heads(model: Any, layer: int, *, top_k: int = 10, tokenizer: A
         n = dense.shape[-1]
         profiles = [[float(torch.diagonal(dense[h], -o).mean()) for o in range(n)] for h in heads]
     return [HeadCircuits(layer, h, qk_results[h], OVCircuit(ov_tops[h], ov_specs[h]), ov_specs[h].copying_score,
-                         profiles[h]) for h in heads]
+                         profiles[h], ov_specs[h].top_share, ov_specs[h].one_eigenvalue) for h in heads]
 
 
 @torch.no_grad()

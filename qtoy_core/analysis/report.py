@@ -337,11 +337,16 @@ def _pairs_table(tp: dict | None, *, kind: str) -> str:
     elif kind == "ov":
         head = ["source token", "output logit", "value"]
     else:
-        head = ["current token", "next token", "logit"]
+        has_logit = any(p.get("logit") is not None for p in pairs)
+        ranked = str(tp.get("ranked_by") or "logit")
+        head = ["current token", "next token", "centred logit" if "centred" in ranked else "logit"] + \
+            (["raw logit"] if has_logit else [])
     rows = []
     for i, p in enumerate(pairs):
         cells = [f'<td class="tok">{_tok(p.get("row_token"), p.get("row"))}</td>',
                  f'<td class="tok">{_tok(p.get("col_token"), p.get("col"))}</td>', _td(p.get("value"))]
+        if kind == "direct" and has_logit:
+            cells.append(_td(p.get("logit")))
         if kind == "qk":
             if has_other:
                 cells.append(_td(p.get("other_factor")))
@@ -386,17 +391,24 @@ def _direct_path(data: dict) -> str:
     if not dp:
         return _section("direct-path", "Direct path", _note("no direct path in this report"))
     body = (f'<p class="lead">{_esc(dp.get("note") or "W_E W_U")}. Largest entries: the bigrams the embedding '
-            f'and unembedding alone predict, without any attention.</p>' + _pairs_table(dp, kind="direct"))
+            f'and unembedding alone predict, without any attention (ranked by '
+            f'{_esc(dp.get("ranked_by") or "value")}).</p>' + _pairs_table(dp, kind="direct"))
     return _section("direct-path", "Direct path: top bigrams", body)
 
 
 def _head_summary(layer: int, heads: list[dict], squared: bool = False) -> str:
+    from .circuits import DOMINANT_EIGENVALUE_SHARE as DOMINANT_SHARE
+
     n_f = max((len(h.get("qk") or []) for h in heads), default=0)
     qk_cols = "".join(f"<th>QK{f if n_f > 1 else ''} copying score</th><th>QK{f if n_f > 1 else ''} "
                       f"top eigenvalue (re, im)</th>" for f in range(n_f))
     rows = []
     for h in heads:
-        cells = [_td(h.get("copying_score"))]
+        flag = ('<span class="pill" title="the top eigenvalue has at least half of \u03a3|\u03bb|: it alone sets '
+                'the copying score">one eigenvalue</span>' if h.get("ov_one_eigenvalue") else "")
+        cells = [_td(h.get("copying_score")),
+                 _td(_get(h, "ov", "spectrum", "top_share")),
+                 _td(_get(h, "ov", "spectrum", "copying_score_rest"))]
         ov_top = _complex(_get(h, "ov", "spectrum", "eigenvalues"))[:1]
         cells += [_td(ov_top[0][0]) + _td(ov_top[0][1])] if ov_top else [_td(None) + _td(None)]
         for f in range(n_f):
@@ -408,15 +420,19 @@ def _head_summary(layer: int, heads: list[dict], squared: bool = False) -> str:
         best = _get(h, "ov", "top_pairs", "pairs", 0)
         ov = (f'{_tok(best.get("row_token"), best.get("row"))} \u2192 {_tok(best.get("col_token"), best.get("col"))}'
               if best else "")
-        rows.append(f'<tr><th scope="row"><a href="#head-{layer}-{h.get("head")}">{layer}.{_esc(h.get("head"))}</a></th>'
-                    f'{"".join(cells)}<td class="tok">{ov}</td></tr>')
-    return ('<table class="summary"><thead><tr><th>head</th><th>OV copying score</th><th>OV top eigenvalue re</th>'
+        rows.append(f'<tr><th scope="row"><a href="#head-{layer}-{h.get("head")}">{layer}.{_esc(h.get("head"))}</a>'
+                    f'{flag}</th>{"".join(cells)}<td class="tok">{ov}</td></tr>')
+    return ('<table class="summary"><thead><tr><th>head</th><th>OV copying score</th><th>OV top |\u03bb| share</th>'
+            '<th>OV copying without top \u03bb</th><th>OV top eigenvalue re</th>'
             f'<th>OV top eigenvalue im</th>{qk_cols}<th>strongest OV pair</th></tr></thead>'
             f'<tbody>{"".join(rows)}</tbody></table>'
             '<div class="muted small">copying score = \u03a3 Re(\u03bb) / \u03a3 |\u03bb| over the eigenvalues of the '
             'circuit. OV: +1 means attending to a token raises that same token\u2019s logit. QK: +1 means a token\u2019s '
             'query matches its own key best' + (' (quadratic attention squares the form, so \u22121 attends to itself '
-            'just as strongly)' if squared else '') + '.</div>')
+            'just as strongly)' if squared else '') + '. Top |\u03bb| share = |\u03bb\u2081| / \u03a3 |\u03bb|; at '
+            f'{DOMINANT_SHARE:g} or more (flag \u201cone eigenvalue\u201d) the top eigenvalue outweighs all the others '
+            'together and alone sets the OV copying score, whose sign may differ from the rest\u2019s (next '
+            'column; n/a when the rest is negligible).</div>')
 
 
 def _head_card(layer: int, h: dict) -> str:
