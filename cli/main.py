@@ -24,6 +24,7 @@ SUBCOMMANDS = {
     "plot": ("qtoy_cli.plot", "plot_command"),
     "visualize": ("qtoy_cli.analysis", "visualize_command"),
     "analyze": ("qtoy_cli.analysis", "analyze_command"),
+    "attention": ("qtoy_cli.analysis", "attention_command"),
     "new-plugin": ("qtoy_cli.new_plugin", "new_plugin_command"),
 }
 
