@@ -6,7 +6,8 @@
 
 Modules: `weights` (per-head weight views through the components' ``weight_views()``), `circuits`
 (direct path, QK/OV circuits as `FactoredMatrix`, RoPE kernels, composition, bilinear MLP
-eigendecomposition, `analyze_model`), `cache` (`run_with_cache`, hook names), `factored`
+eigendecomposition, `analyze_model`), `cache` (`run_with_cache`, hook names), `detectors` (heads
+scored on behaviour, `induction_loss`), `attention_view` (the attention viewer page), `factored`
 (`FactoredMatrix`), `tensor_network` (exact quimb networks). Names load lazily on first use.
 """
 
@@ -32,6 +33,12 @@ _LAZY = {
     "EigenDirection": ".circuits",
     # cache
     "run_with_cache": ".cache", "hook_names": ".cache",
+    # detectors (heads scored on behaviour)
+    "head_detectors": ".detectors", "induction_loss": ".detectors", "weight_head_scores": ".detectors",
+    "repeated_random_tokens": ".detectors", "detection_targets": ".detectors", "pattern_target_share": ".detectors",
+    "spearman": ".detectors", "HeadDetectors": ".detectors", "InductionLoss": ".detectors",
+    # attention viewer
+    "attention_view": ".attention_view", "AttentionView": ".attention_view",
     # factored
     "FactoredMatrix": ".factored", "composition_score": ".factored",
 }
