@@ -19,6 +19,8 @@ CORPUS = ["Once upon a time there was a little fox named Pip. Pip lived in a den
 TEXT = "Pip met a sheep named Mo. Pip said hello."
 KIND = {"quadratic": "non-negative", "bilinear": "signed", "softmax": "probability"}
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
@@ -144,7 +146,9 @@ def test_analyze_links_the_viewer_and_reports_behaviour(run_dirs, tmp_path, caps
 
 
 # ----------------------------------------------------------------------------------- the browser
-def _browser():
+@pytest.fixture(scope="module")
+def browser():
+    """Headless system Chromium driven by Playwright (one launch for the module's browser tests)."""
     chromium = next((shutil.which(n) for n in ("chromium", "chromium-browser") if shutil.which(n)), None)
     if chromium is None:
         pytest.skip("no Chromium on this machine (apt-get install -y chromium): the viewer's browser test needs one")
@@ -152,12 +156,16 @@ def _browser():
         from playwright.sync_api import sync_playwright
     except ImportError:
         pytest.skip("Playwright is not installed (pip install -e '.[test]' installs it): the browser test needs it")
-    return chromium, sync_playwright
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            yield b
+        finally:
+            b.close()
 
 
 @pytest.mark.parametrize("attn", ["quadratic", "bilinear", "softmax"])
-def test_hovering_a_token_in_chromium_shows_its_weights(attn, run_dirs, tokenizer, tmp_path, capsys):
-    chromium, sync_playwright = _browser()
+def test_hovering_a_token_in_chromium_shows_its_weights(attn, browser, run_dirs, tokenizer, tmp_path, capsys):
     out = tmp_path / "attention.html"
     code, _, err = _cli(capsys, "attention", run_dirs[attn], "--text", TEXT, "--out", str(out))
     assert code == 0, err
@@ -165,39 +173,37 @@ def test_hovering_a_token_in_chromium_shows_its_weights(attn, run_dirs, tokenize
 
     seq, ref = _reference(ToyTransformer.from_pretrained(run_dirs[attn]), tokenizer[0], TEXT)
     q = 6
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
-        try:
-            page = browser.new_page(viewport={"width": 1200, "height": 900})
-            page.route("**/*", lambda route: route.abort() if not route.request.url.startswith("file:")
-                       else route.continue_())  # offline: any network request would fail the page
-            page.goto(out.as_uri())
-            for layer, head in ((0, 0), (1, 1)):
-                if (layer, head) != (0, 0):
-                    page.click(f'.head[data-layer="{layer}"][data-head="{head}"]')
-                page.hover(f'.tok[data-pos="{q}"]')
-                title = page.inner_text(".detail h2")
-                assert title.startswith(f"Layer {layer}, head {head} \u00b7 query {q}")
-                shown = page.eval_on_selector_all(".detail tr.key", "rs => rs.map(r => [+r.dataset.key, "
-                                                  "+r.dataset.weight, r.querySelector('.w').textContent])")
-                row = ref[layer][head, q].float()
-                assert [k for k, _, _ in shown] == list(range(q + 1))  # the query's causal keys only
-                torch.testing.assert_close(torch.tensor([w for _, w, _ in shown]), row[: q + 1], rtol=1e-4, atol=1e-7)
-                for (_, w, text), v in zip(shown, row[: q + 1].tolist()):  # the printed number, 4 digits
-                    assert float(text) == pytest.approx(v, rel=2e-3, abs=1e-12)
-                label = page.inner_text(".scale-label")
-                assert SCALE_KINDS[KIND[attn]] in label
-                vmax = 1.0 if attn == "softmax" else float(ref[layer][head].abs().max())
-                k = int(row[: q + 1].abs().argmax())
-                bg = page.eval_on_selector(f'.tok[data-pos="{k}"]', "e => getComputedStyle(e).backgroundColor")
-                assert bg == pattern_color(float(row[k]), KIND[attn], vmax)
-                later = page.get_attribute(f'.tok[data-pos="{q + 1}"]', "class")
-                assert "future" in later  # keys after the query are not attended
-                hi = page.inner_text(".ramp-row .hi")
-                assert float(hi) == pytest.approx(vmax, rel=2e-3)
-                if attn == "bilinear":
-                    assert float(page.inner_text(".ramp-row .lo")) == pytest.approx(-vmax, rel=2e-3)
-            if attn == "softmax":
-                assert "(probabilities)" in page.inner_text(".detail .rowsum")
-        finally:
-            browser.close()
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    try:
+        page.route("**/*", lambda route: route.abort() if not route.request.url.startswith("file:")
+                   else route.continue_())  # offline: any network request would fail the page
+        page.goto(out.as_uri())
+        for layer, head in ((0, 0), (1, 1)):
+            if (layer, head) != (0, 0):
+                page.click(f'.head[data-layer="{layer}"][data-head="{head}"]')
+            page.hover(f'.tok[data-pos="{q}"]')
+            title = page.inner_text(".detail h2")
+            assert title.startswith(f"Layer {layer}, head {head} \u00b7 query {q}")
+            shown = page.eval_on_selector_all(".detail tr.key", "rs => rs.map(r => [+r.dataset.key, "
+                                              "+r.dataset.weight, r.querySelector('.w').textContent])")
+            row = ref[layer][head, q].float()
+            assert [k for k, _, _ in shown] == list(range(q + 1))  # the query's causal keys only
+            torch.testing.assert_close(torch.tensor([w for _, w, _ in shown]), row[: q + 1], rtol=1e-4, atol=1e-7)
+            for (_, w, text), v in zip(shown, row[: q + 1].tolist()):  # the printed number, 4 digits
+                assert float(text) == pytest.approx(v, rel=2e-3, abs=1e-12)
+            label = page.inner_text(".scale-label")
+            assert SCALE_KINDS[KIND[attn]] in label
+            vmax = 1.0 if attn == "softmax" else float(ref[layer][head].abs().max())
+            k = int(row[: q + 1].abs().argmax())
+            bg = page.eval_on_selector(f'.tok[data-pos="{k}"]', "e => getComputedStyle(e).backgroundColor")
+            assert bg == pattern_color(float(row[k]), KIND[attn], vmax)
+            later = page.get_attribute(f'.tok[data-pos="{q + 1}"]', "class")
+            assert "future" in later  # keys after the query are not attended
+            hi = page.inner_text(".ramp-row .hi")
+            assert float(hi) == pytest.approx(vmax, rel=2e-3)
+            if attn == "bilinear":
+                assert float(page.inner_text(".ramp-row .lo")) == pytest.approx(-vmax, rel=2e-3)
+        if attn == "softmax":
+            assert "(probabilities)" in page.inner_text(".detail .rowsum")
+    finally:
+        page.close()

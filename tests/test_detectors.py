@@ -1,6 +1,7 @@
 """Behaviour detectors on constructed heads (hand-set weights with a known answer), induction_loss
 against the model's own loss, and the weight-based scores against brute force."""
 
+import functools
 import math
 
 import pytest
@@ -24,6 +25,8 @@ V, T = 8, 16
 TOK, POS, PREV = 0, V, V + T
 D, DH = V + T + V, 32
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _set(proj, head, W):
     """Set head ``head`` of a q/k/v projection to W (d_model, d_head): q_h = x @ W."""
@@ -41,6 +44,7 @@ def _e(i, n=D):
     return torch.nn.functional.one_hot(torch.tensor(i), n).float()
 
 
+@functools.lru_cache(maxsize=None)  # the tests only read these models
 def constructed(attn="quadratic", negate_second_factor=False, induction_gain=30.0):
     """A 2-layer attention-only model whose heads are exactly:
     L0H0 previous-token head (writes the previous token into the PREV subspace), L0H1 duplicate-token
