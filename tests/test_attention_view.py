@@ -107,7 +107,7 @@ def test_colour_scales():
     assert pattern_color(-2.0, "signed", 2.0) == "rgb(192, 57, 43)"
     assert pattern_color(-1.0, "signed", 2.0) == "rgb(224, 156, 149)"
     assert pattern_color(-1.0, "non-negative", 2.0) == "rgb(255, 255, 255)"
-    assert pattern_color(0.5, "probability", 123.0) == pattern_color(0.5, "non-negative", 1.0)  # probabilities: 0..1
+    assert pattern_color(0.5, "probability") == pattern_color(0.5, "non-negative", 1.0)  # probabilities: 0..1
 
 
 def test_bad_text_is_one_clear_error(tokenizer, run_dirs, tmp_path, capsys):
@@ -205,5 +205,14 @@ def test_hovering_a_token_in_chromium_shows_its_weights(attn, browser, run_dirs,
                 assert float(page.inner_text(".ramp-row .lo")) == pytest.approx(-vmax, rel=2e-3)
         if attn == "softmax":
             assert "(probabilities)" in page.inner_text(".detail .rowsum")
+        # relative to the query's row: its largest |weight| takes the end of the scale
+        page.check(".row-scale")
+        page.hover(f'.tok[data-pos="{q}"]')
+        row = ref[1][1, q].float()[: q + 1]
+        k = int(row.abs().argmax())
+        bg = page.eval_on_selector(f'.tok[data-pos="{k}"]', "e => getComputedStyle(e).backgroundColor")
+        assert bg == pattern_color(float(row[k]), KIND[attn], float(row.abs().max()))
+        assert bg in ("rgb(31, 95, 191)", "rgb(192, 57, 43)")
+        assert "this query\u2019s row" in page.inner_text(".scale-label")
     finally:
         page.close()

@@ -10,7 +10,9 @@ Hovering (or focusing) a query token colours the keys it attends to with the sel
 weights and lists them; clicking a thumbnail selects that head. The URL fragment
 ``#layer=L&head=H&query=Q`` selects a head and query when the page opens.
 
-Colour scales (they say which one applies, per layer, in the legend):
+Colour scales (they say which one applies, per layer, in the legend; a checkbox makes the end of the
+scale the hovered query's largest |weight| instead of the head's, for rows that the head's largest
+entry would wash out):
 
   probability   softmax attention: rows sum to 1; white (0) to blue (1), values shown as probabilities
   non-negative  quadratic attention: (q.k / d_head)**2, unbounded; white (0) to blue at the head's
@@ -55,10 +57,11 @@ class AttentionViewError(QtoyError, ValueError):
     """A text the attention viewer cannot show (empty, or longer than the model's positions allow)."""
 
 
-def pattern_color(value: float, kind: str, vmax: float) -> str:
+def pattern_color(value: float, kind: str, vmax: float = 1.0) -> str:
     """The background of a key for a pattern entry: ``rgb(r, g, b)`` between white and blue (red below
-    0 for "signed"); ``vmax`` is 1 for "probability", else the head's largest |entry| (0: all white)."""
-    top = 1.0 if kind == "probability" else float(vmax)
+    0 for "signed"); ``vmax``, the end of the scale, is 1 for probabilities, else the head's largest
+    |entry| (with the page's row checkbox: the query row's largest |entry|; 0: all white)."""
+    top = float(vmax)
     t = 0.0 if top <= 0 else max(-1.0, min(1.0, float(value) / top))
     if kind != "signed":
         t = max(0.0, t)
@@ -132,7 +135,9 @@ class AttentionView:
                 f'<h1>{_esc(self.title)}</h1>{sub}<div class="summary">{summary}</div>{sep}'
                 '<div class="legend"><span class="scale-label"></span><div class="ramp-row">'
                 '<span class="lo"></span><span class="ramp"></span><span class="hi"></span></div></div>'
-                '<div class="hint">Hover or focus a token to make it the query; click a head below to select it.</div>'
+                '<div class="hint">Hover or focus a token to make it the query; click a head below to select it. '
+                '<label><input type="checkbox" class="row-scale"> colour relative to the query’s row (its '
+                'largest |weight|) instead of the whole head</label></div>'
                 f'<div class="text">{"".join(spans)}</div>'
                 '<div class="main"><div class="heads"></div><div class="detail"></div></div>'
                 f'<script type="application/json" class="av-data">{self._data()}</script>'
@@ -269,8 +274,9 @@ _JS = r"""
   var root=document.getElementById("%ID%"); if(!root) return;
   var D=JSON.parse(root.querySelector(".av-data").textContent);
   var toks=root.querySelectorAll(".tok"), T=D.tokens.length;
-  var st={layer:0, head:0, query:T-1};
+  var st={layer:0, head:0, query:T-1, row:false};
   function top(L,H){return L.kind==="probability"?1:H.vmax;}
+  function rowTop(row){var m=0; row.forEach(function(v){m=Math.max(m,Math.abs(v));}); return m;}
   function color(v,kind,vmax){
     var t=vmax>0?Math.max(-1,Math.min(1,v/vmax)):0; if(kind!=="signed") t=Math.max(0,t);
     var c=t>=0?D.blue:D.red, a=Math.abs(t);
@@ -299,8 +305,10 @@ _JS = r"""
     heads.appendChild(row);
   });
   function render(){
-    var L=D.layers[st.layer], H=L.heads[st.head], vm=top(L,H), q=st.query, row=H.rows[q];
-    root.querySelector(".scale-label").textContent="Layer "+st.layer+" \u2014 "+L.label+".";
+    var L=D.layers[st.layer], H=L.heads[st.head], q=st.query, row=H.rows[q];
+    var vm=st.row?rowTop(row):top(L,H);
+    root.querySelector(".scale-label").textContent="Layer "+st.layer+" \u2014 "+L.label+"."+
+      (st.row?" Colours relative to this query\u2019s row: its largest |weight| is the end of the scale.":"");
     root.querySelector(".ramp").style.background=L.kind==="signed"?
       "linear-gradient(to right,"+color(-1,"signed",1)+",#fff,"+color(1,"signed",1)+")":
       "linear-gradient(to right,#fff,"+color(1,"probability",1)+")";
@@ -326,6 +334,8 @@ _JS = r"""
       (L.kind==="probability"?" (probabilities)":" (not normalised)")+'</div>'+
       '<table><thead><tr><th>key</th><th>token</th><th></th><th>'+what+'</th></tr></thead><tbody>'+rows.join("")+'</tbody></table>';
   }
+  var rs=root.querySelector(".row-scale");
+  if(rs) rs.addEventListener("change",function(){st.row=rs.checked; render();});
   toks.forEach(function(el,k){
     el.addEventListener("mouseenter",function(){st.query=k; render();});
     el.addEventListener("focus",function(){st.query=k; render();});
