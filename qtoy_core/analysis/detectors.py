@@ -55,7 +55,7 @@ from torch import Tensor
 from qtoy_registry import QtoyError
 
 from .cache import hook_names, run_with_cache
-from .circuits import Result, _jsonable, composition_scores, qk_circuit, spectrum
+from .circuits import Result, _jsonable, composition_scores, ov_circuit, qk_circuit, spectrum
 from .weights import model_weights, relative_rotations, rotates
 
 __all__ = [
@@ -256,7 +256,7 @@ def head_detectors(model: Any, tokens: Tensor | None = None, *, batch_size: int 
             model.train()
     has_bos = bos is not None
     targets = {kind: detection_targets(tokens, kind, bos=has_bos) for kind in PATTERN_KINDS}
-    W_U = model_weights(model).W_U
+    W_U = model_weights(model).W_U.cpu()  # the cache is on the CPU
     n_head = max((int(getattr(b.attn, "n_head", 0) or 0) for b in model.blocks), default=0)
     nan = lambda: torch.full((n_layers, n_head), float("nan"), dtype=torch.float64)  # noqa: E731
     scores = {k: nan() for k in DETECTOR_KINDS}
@@ -361,27 +361,29 @@ def _positional_pattern(w: Any, layer: int, T: int, kind: str | None) -> Tensor 
     rotating positional the pattern averaged over all (query token, key token) pairs at each offset."""
     lw = w.layers[layer]
     qk = lw.qk if kind != "probability" else lw.qk[:1]
+    view = lambda name: lw.attn[name].detach().double().cpu()  # noqa: E731 - small: done on the CPU
     if w.W_pos is not None:
-        P = w.W_pos[:T].double()
-        forms = [float(s) * torch.einsum("qm,hmd,hnd,kn->hqk", P, lw.attn[a].double(), lw.attn[b].double(), P)
+        P = w.W_pos[:T].double().cpu()
+        forms = [float(s) * torch.einsum("qm,hmd,hnd,kn->hqk", P, view(a), view(b), P)
                  for a, b, s in qk]
         return _kernel_pattern(forms, kind)
     if w.positional is None or not rotates(w.positional, max(T, 2), lw.d_head):
         return None
     V = w.W_E.shape[0]
-    G = w.W_E.double().T @ w.W_E.double()  # (d_model, d_model)
-    K = relative_rotations(w.positional, range(T), lw.d_head, torch.float64)  # (T, d, d)
-    mean_e = w.W_E.double().mean(0)
+    E = w.W_E.double().cpu()
+    G = E.T @ E  # (d_model, d_model)
+    K = relative_rotations(w.positional, range(T), lw.d_head, torch.float64).cpu()  # (T, d, d)
+    mean_e = E.mean(0)
     per_offset = []
     if kind == "probability":
         a, b, s = qk[0]
-        q, k = mean_e @ lw.attn[a].double(), mean_e @ lw.attn[b].double()  # (H, d)
+        q, k = mean_e @ view(a), mean_e @ view(b)  # (H, d)
         per_offset = [float(s) * torch.einsum("hd,ode,he->ho", q, K, k)]  # form of the mean embedding
     else:
         # mean over token pairs of prod_f form_f = <QK_1(o), QK_2(o)>_F / V^2 for two factors
         (a1, b1, s1), (a2, b2, s2) = (qk + qk)[:2] if len(qk) == 1 else qk[:2]
-        QA = torch.einsum("hmd,mn,hne->hde", lw.attn[a1].double(), G, lw.attn[a2].double())  # Q1^T G Q2
-        KB = torch.einsum("hmd,mn,hne->hde", lw.attn[b2].double(), G, lw.attn[b1].double())  # K2^T G K1
+        QA = torch.einsum("hmd,mn,hne->hde", view(a1), G, view(a2))  # Q1^T G Q2
+        KB = torch.einsum("hmd,mn,hne->hde", view(b2), G, view(b1))  # K2^T G K1
         # trace(K(o)^T Q1^T G Q2 K(o) K2^T G K1)
         val = torch.einsum("odx,hde,oey,hyx->ho", K, QA, K, KB) * (s1 * s2) / V ** 2
         per_offset = [val]
@@ -426,22 +428,16 @@ def weight_head_scores(model: Any, *, n_positions: int | None = None) -> dict[st
             dup = qk_scores[0] * qk_scores[1]
         out["duplicate_token"][i, :lw.n_head] = dup
         out["copying"][i, :lw.n_head] = torch.tensor(
-            [s.copying_score for s in spectrum(_ov(w, i))], dtype=torch.float64)
+            [s.copying_score for s in spectrum(ov_circuit(w, i))], dtype=torch.float64)
         if i > 0:
             best = torch.full((lw.n_head,), float("nan"), dtype=torch.float64)
             for j in range(i):
                 if not w.layers[j].has_circuits:
                     continue
-                k = composition_scores(w, j, i).k.double().amax(0).amax(0)  # over QK pairs, earlier heads
+                k = composition_scores(w, j, i).k.double().cpu().amax(0).amax(0)  # over QK pairs, earlier heads
                 best = torch.where(torch.isnan(best), k, torch.maximum(best, k))
             out["induction"][i, :lw.n_head] = best
     return out
-
-
-def _ov(w: Any, layer: int):
-    from .circuits import ov_circuit
-
-    return ov_circuit(w, layer)
 
 
 def spearman(x: Tensor | Sequence[float], y: Tensor | Sequence[float]) -> float | None:
