@@ -143,19 +143,25 @@ def main() -> None:
                     help="where runs and HTML files go")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "screenshots")
     ap.add_argument("--max-iters", type=int, default=300)
+    ap.add_argument("--only", choices=["all", "attention"], default="all",
+                    help="attention: only attention.png and report-behaviour.png (needs only --run-2l-attn)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args.work.mkdir(parents=True, exist_ok=True)
     chromium()
 
+    out = args.out
+    run3 = args.run_2l_attn or train(args.work / "run-2L-attn", "--model-type", "attention_only_2L", "--attn", "quadratic",
+                                     "--d-model", "64", "--n-head", "4", "--n-ctx", "64", "--max-iters",
+                                     str(args.max_iters), "--no-compile", "--precision", "fp32")
+    attention_shots(run3, args.work, out)
+    if args.only == "attention":
+        return
+
     run1 = args.run or train(args.work / "run-1L", "--max-iters", str(args.max_iters))
     run2 = args.run_2l or train(args.work / "run-2L", "--model-type", "transformer_2L", "--attn", "quadratic",
                                 "--mlp", "bilinear", "--d-model", "64", "--n-head", "4", "--n-ctx", "64",
                                 "--max-iters", str(args.max_iters), "--no-compile", "--precision", "fp32")
-
-    run3 = args.run_2l_attn or train(args.work / "run-2L-attn", "--model-type", "attention_only_2L", "--attn", "quadratic",
-                                     "--d-model", "64", "--n-head", "4", "--n-ctx", "64", "--max-iters",
-                                     str(args.max_iters), "--no-compile", "--precision", "fp32")
 
     report1, report2, loss = args.work / "report.html", args.work / "report-2L.html", args.work / "loss.html"
     qtoy("analyze", str(run1), "--out", str(report1), "--json", str(args.work / "report.json"), "--top-k", "8")
@@ -170,7 +176,6 @@ def main() -> None:
     early = [(int(p), float(l)) for p, l in spans if 12 <= int(p) <= 60]
     pin = max(early, key=lambda x: x[1])[0] if early else 0
 
-    out = args.out
     screenshot(report1, out / "report.png", size=(1200, 1600))
     screenshot(report1, out / "report-heads.png", size=(1200, 1250),
                css=only(["layer-0-attention"], header=False) + "#layer-0-attention > :not(.heads){display:none}")
@@ -179,8 +184,10 @@ def main() -> None:
                + ".qtoy-report{display:flex;flex-direction:column} #composition{order:-1}")
     screenshot(loss, out / "loss.png", size=(1200, 900), fragment=f"#pin={pin}")
 
+
+def attention_shots(run3: Path, work: Path, out: Path) -> None:
     # the attention viewer: a repeated name, hovered on its second occurrence, in layer 1 (induction candidates)
-    attention, report3 = args.work / "attention.html", args.work / "report-2L-attn.html"
+    attention, report3 = work / "attention.html", work / "report-2L-attn.html"
     qtoy("attention", str(run3), "--text", ATTENTION_TEXT, "--out", str(attention))
     qtoy("analyze", str(run3), "--out", str(report3), "--top-k", "6", "--attention-text", ATTENTION_TEXT)
     page = attention.read_text(encoding="utf-8")
