@@ -257,7 +257,7 @@ def head_detectors(model: Any, tokens: Tensor | None = None, *, batch_size: int 
     has_bos = bos is not None
     targets = {kind: detection_targets(tokens, kind, bos=has_bos) for kind in PATTERN_KINDS}
     W_U = model_weights(model).W_U.cpu()  # the cache is on the CPU
-    n_head = max((int(getattr(b.attn, "n_head", 0) or 0) for b in model.blocks), default=0)
+    n_head = int(model.config.n_head)
     nan = lambda: torch.full((n_layers, n_head), float("nan"), dtype=torch.float64)  # noqa: E731
     scores = {k: nan() for k in DETECTOR_KINDS}
     signed = {k: nan() for k in DETECTOR_KINDS}

@@ -10,7 +10,10 @@ What the page shows, in order: the model; caveats (``notes``); the direct path's
 layer the attention heads (a summary table with copying scores, eigenvalue spectra in the complex
 plane, the positional kernel of the top QK pairs, and per head its top QK and OV token pairs) and
 the bilinear MLP's top eigenvectors along a few output tokens; for models with two or more layers
-the Q/K/V composition scores as heat maps and the top head pairs; the time each part took.
+the Q/K/V composition scores as heat maps and the top head pairs; the heads scored on behaviour
+(`behaviour_data`: detectors on repeated random sequences beside the weight-based scores, their
+Spearman correlation, the induction loss); a link to the attention viewer when one was written
+alongside (``attention_page``); the time each part took.
 
 Numbers: every number in the page's tables is a value of the JSON, printed with `format_number`
 (plots may show derived quantities such as moduli). Token texts are shown with whitespace spelled
