@@ -88,19 +88,71 @@ def visualize_command(run, text, file_, out, tokenizer, top, no_separator) -> No
               help="token pairs / tokens per table")
 @click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="a tokenizer.json (default: the run's)")
 @click.option("--no-plots", is_flag=True, help="tables only (faster)")
-def analyze_command(run, out, json_out, top_k, tokenizer, no_plots) -> None:
+@click.option("--no-behaviour", is_flag=True,
+              help="leave out the heads scored on behaviour (repeated random sequences) and the induction loss")
+@click.option("--attention-text", help="also write the attention viewer for this text next to the report "
+              "(OUT's name with -attention.html) and link it")
+def analyze_command(run, out, json_out, top_k, tokenizer, no_plots, no_behaviour, attention_text) -> None:
     """Circuit report of RUN, read from its weights: the direct path's top bigrams, each head's top
     QK and OV token pairs, eigenvalue spectra and copying scores, the positional kernel, composition
-    scores (2+ layers) and the bilinear MLP's top eigenvectors. One self-contained HTML file; --json
-    writes every number for scripting.
+    scores (2+ layers) and the bilinear MLP's top eigenvectors; beside them the heads scored on
+    behaviour (previous-token, duplicate-token, induction, copying on repeated random sequences), the
+    rank correlation of each kind with its weight-based score, and the induction loss. One
+    self-contained HTML file; --json writes every number for scripting.
 
       qtoy analyze runs/x --out report.html --json report.json
+
+      qtoy analyze runs/x --out report.html --attention-text "Once upon a time"
     """
     from qtoy_core.analysis.report import Report
 
-    model, tok = _load(run, tokenizer, need_tokenizer=False)
-    report = Report.from_model(model, tok, top_k=top_k, run=run, plots=not no_plots)
+    model, tok = _load(run, tokenizer, need_tokenizer=attention_text is not None)
+    page = None
+    if attention_text is not None:
+        page_path = Path(out).with_name(Path(out).stem + "-attention.html")
+        _write(str(page_path), _attention_page(model, tok, attention_text, run))
+        page = page_path.name
+    report = Report.from_model(model, tok, top_k=top_k, run=run, plots=not no_plots, behaviour=not no_behaviour,
+                               attention_page=page)
     path = _write(out, report.html)
+    if page is not None:
+        click.echo(str(Path(out).with_name(page)))
     click.echo(str(path))
     if json_out:
         click.echo(str(_write(json_out, report.to_json() + "\n")))
+
+
+def _attention_page(model, tok, text: str, run: str, *, no_separator: bool = False) -> str:
+    from qtoy_core.analysis.attention_view import attention_view
+
+    if not text:
+        raise click.UsageError("the text is empty: give the text whose attention patterns to show.")
+    return attention_view(model, tok, text, prepend_separator=not no_separator, subtitle=f"run {run}").html
+
+
+@click.command("attention")
+@click.argument("run", type=click.Path(exists=True, file_okay=False))
+@click.option("--text", help="the text to show the patterns on")
+@click.option("--file", "file_", type=click.Path(exists=True, dir_okay=False), help="read the text from a file")
+@click.option("--out", default="attention.html", show_default=True, type=click.Path(dir_okay=False),
+              help="HTML file to write")
+@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="a tokenizer.json (default: the run's)")
+@click.option("--no-separator", is_flag=True, help="do not put the end-of-text separator before the text")
+def attention_command(run, text, file_, out, tokenizer, no_separator) -> None:
+    """Attention patterns of every layer and head of RUN on a text, as one self-contained HTML page:
+    hover a token to see its weights over the keys for the selected head; thumbnails show every
+    head's whole pattern. The colour scale says what the pattern is: probabilities (softmax),
+    non-negative and unbounded (quadratic), or signed (bilinear, a diverging scale).
+
+      qtoy attention runs/x --text "Once upon a time, there was a fox." --out attention.html
+    """
+    if (text is None) == (file_ is None):
+        raise click.UsageError("give the text with exactly one of --text TEXT or --file PATH.")
+    if file_ is not None:
+        try:
+            text = Path(file_).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise click.ClickException(f"{file_} is not UTF-8 text.") from None
+    model, tok = _load(run, tokenizer, need_tokenizer=True)
+    path = _write(out, _attention_page(model, tok, text, run, no_separator=no_separator))
+    click.echo(str(path))

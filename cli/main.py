@@ -26,6 +26,7 @@ SUBCOMMANDS = {
     "analyze": ("qtoy_cli.analysis", "analyze_command"),
     "patch": ("qtoy_cli.patch", "patch_command"),
     "attribute": ("qtoy_cli.attribute", "attribute_command"),
+    "attention": ("qtoy_cli.analysis", "attention_command"),
     "new-plugin": ("qtoy_cli.new_plugin", "new_plugin_command"),
 }
 

@@ -13,6 +13,9 @@ bilinear MLPs, for the composition and MLP sections. What it writes:
     report-heads.png    the same report's per-head QK / OV tables
     report-2L.png       the 2-layer report's composition heat maps and an MLP's eigenvectors
     loss.png            the loss view of a validation story, one token's tooltip pinned
+    attention.png       the attention viewer (`qtoy attention`) of a 2-layer attention-only run, a token
+                        hovered with Playwright (pip install playwright; it drives the same Chromium)
+    report-behaviour.png  that run's report section "Heads scored on behaviour"
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+ATTENTION_TEXT = "Tom had a red ball. Tom gave the ball to Sue, and Sue gave the red ball back to Tom."
 MAX_BYTES = 1_000_000
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
@@ -87,6 +91,29 @@ def shrink(src: Path, dst: Path, size: tuple[int, int]) -> None:
     dst.write_bytes(buf.getvalue())
 
 
+def hover_screenshot(html: Path, png: Path, *, size: tuple[int, int], hover: str, click: str | None = None) -> None:
+    """Open `html` in Chromium through Playwright, click `click` (a CSS selector) if given, hover
+    `hover`, and save the viewport as a PNG: a real hover state, which a plain --screenshot cannot show."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sys.exit("Playwright is not installed: `pip install playwright` (it uses the system Chromium), then run this again.")
+    with tempfile.TemporaryDirectory() as tmp, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium(), args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": size[0], "height": size[1]})
+            page.goto(html.resolve().as_uri())
+            if click:
+                page.click(click)
+            page.hover(hover)
+            raw = Path(tmp) / "shot.png"
+            page.screenshot(path=str(raw))
+        finally:
+            browser.close()
+        shrink(raw, png, size)
+    print(f"{png}  {png.stat().st_size // 1024} KB")
+
+
 def only(ids: list[str], *, header: bool = True) -> str:
     """CSS that hides every part of the report but the sections `ids` (and the header)."""
     keep = ",".join(f"#{i}" for i in ids) + (",header" if header else "")
@@ -110,14 +137,26 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", type=Path, help="a 1-layer run to use (default: train one)")
     ap.add_argument("--run-2l", type=Path, help="a 2-layer transformer run to use (default: train one)")
+    ap.add_argument("--run-2l-attn", type=Path, help="a 2-layer attention-only run for the attention viewer "
+                    "(default: train one)")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "qtoy-screenshots",
                     help="where runs and HTML files go")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "screenshots")
     ap.add_argument("--max-iters", type=int, default=300)
+    ap.add_argument("--only", choices=["all", "attention"], default="all",
+                    help="attention: only attention.png and report-behaviour.png (needs only --run-2l-attn)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args.work.mkdir(parents=True, exist_ok=True)
     chromium()
+
+    out = args.out
+    run3 = args.run_2l_attn or train(args.work / "run-2L-attn", "--model-type", "attention_only_2L", "--attn", "quadratic",
+                                     "--d-model", "64", "--n-head", "4", "--n-ctx", "64", "--max-iters",
+                                     str(args.max_iters), "--no-compile", "--precision", "fp32")
+    attention_shots(run3, args.work, out)
+    if args.only == "attention":
+        return
 
     run1 = args.run or train(args.work / "run-1L", "--max-iters", str(args.max_iters))
     run2 = args.run_2l or train(args.work / "run-2L", "--model-type", "transformer_2L", "--attn", "quadratic",
@@ -137,7 +176,6 @@ def main() -> None:
     early = [(int(p), float(l)) for p, l in spans if 12 <= int(p) <= 60]
     pin = max(early, key=lambda x: x[1])[0] if early else 0
 
-    out = args.out
     screenshot(report1, out / "report.png", size=(1200, 1600))
     screenshot(report1, out / "report-heads.png", size=(1200, 1250),
                css=only(["layer-0-attention"], header=False) + "#layer-0-attention > :not(.heads){display:none}")
@@ -145,6 +183,18 @@ def main() -> None:
                css=only(["composition", "layer-1-mlp"], header=False)
                + ".qtoy-report{display:flex;flex-direction:column} #composition{order:-1}")
     screenshot(loss, out / "loss.png", size=(1200, 900), fragment=f"#pin={pin}")
+
+
+def attention_shots(run3: Path, work: Path, out: Path) -> None:
+    # the attention viewer: a repeated name, hovered on its second occurrence, in layer 1 (induction candidates)
+    attention, report3 = work / "attention.html", work / "report-2L-attn.html"
+    qtoy("attention", str(run3), "--text", ATTENTION_TEXT, "--out", str(attention))
+    qtoy("analyze", str(run3), "--out", str(report3), "--top-k", "6", "--attention-text", ATTENTION_TEXT)
+    page = attention.read_text(encoding="utf-8")
+    n_tok = len(re.findall(r'class="tok" tabindex', page))
+    hover_screenshot(attention, out / "attention.png", size=(1200, 760), click='.head[data-layer="1"][data-head="0"]',
+                     hover=f'.tok[data-pos="{max(0, n_tok - 3)}"]')
+    screenshot(report3, out / "report-behaviour.png", size=(1200, 1150), css=only(["behaviour"], header=False))
 
 
 if __name__ == "__main__":

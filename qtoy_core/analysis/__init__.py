@@ -10,8 +10,9 @@ eigendecomposition, `analyze_model`), `cache` (`run_with_cache`, `ActivationCach
 TransformerLens's names and layouts), `hooks` (`run_with_hooks`, `hooks`: interventions), `ablation`
 (zero / mean / resample ablations, `ablation_scan`), `patching` (activation patching, TL's
 ``get_act_patch_*``, heat maps), `factored` (`FactoredMatrix`), `tensor_network` (exact quimb
-networks), `attribution` (exact logit attribution, the path expansion of polynomial attention).
-Names load lazily on first use.
+networks), `attribution` (exact logit attribution, the path expansion of polynomial attention),
+`detectors` (heads scored on behaviour, `induction_loss`), `attention_view` (the attention viewer
+page). Names load lazily on first use.
 """
 
 from __future__ import annotations
@@ -48,6 +49,12 @@ _LAZY = {
     "activation_patching": ".patching", "PatchResult": ".patching", "patching_html": ".patching",
     "logit_diff_metric": ".patching", "loss_metric": ".patching",
     "get_act_patch_resid_pre": ".patching", "get_act_patch_attn_head_out_by_pos": ".patching",
+    # detectors (heads scored on behaviour)
+    "head_detectors": ".detectors", "induction_loss": ".detectors", "weight_head_scores": ".detectors",
+    "repeated_random_tokens": ".detectors", "detection_targets": ".detectors", "pattern_target_share": ".detectors",
+    "spearman": ".detectors", "HeadDetectors": ".detectors", "InductionLoss": ".detectors",
+    # attention viewer
+    "attention_view": ".attention_view", "AttentionView": ".attention_view",
     # factored
     "FactoredMatrix": ".factored", "composition_score": ".factored",
 }

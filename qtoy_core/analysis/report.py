@@ -10,7 +10,10 @@ What the page shows, in order: the model; caveats (``notes``); the direct path's
 layer the attention heads (a summary table with copying scores, eigenvalue spectra in the complex
 plane, the positional kernel of the top QK pairs, and per head its top QK and OV token pairs) and
 the bilinear MLP's top eigenvectors along a few output tokens; for models with two or more layers
-the Q/K/V composition scores as heat maps and the top head pairs; the time each part took.
+the Q/K/V composition scores as heat maps and the top head pairs; the heads scored on behaviour
+(`behaviour_data`: detectors on repeated random sequences beside the weight-based scores, their
+Spearman correlation, the induction loss); a link to the attention viewer when one was written
+alongside (``attention_page``); the time each part took.
 
 Numbers: every number in the page's tables is a value of the JSON, printed with `format_number`
 (plots may show derived quantities such as moduli). Token texts are shown with whitespace spelled
@@ -573,6 +576,121 @@ def _composition_section(data: dict, plots: bool) -> str | None:
     return _section("composition", "Composition between layers", "".join(body))
 
 
+# ------------------------------------------------------------------- heads scored on behaviour
+_KIND_NAMES = {"previous_token": "previous token", "duplicate_token": "duplicate token", "induction": "induction",
+               "copying": "copying"}
+_WEIGHT_SOURCES = {
+    "previous_token": "positional pattern (learned W_pos forms; RoPE: averaged over token pairs)",
+    "duplicate_token": "QK circuit copying score (|.| for quadratic; product of the two forms' for bilinear)",
+    "induction": "largest K-composition with an earlier layer's head",
+    "copying": "OV circuit copying score",
+}
+
+
+def _separator(tokenizer: Any) -> int | None:
+    try:
+        sep = getattr(tokenizer, "separator_id", None) if tokenizer is not None else None
+    except Exception:  # noqa: BLE001 - separator_id raises when the tokenizer has none
+        sep = None
+    return None if sep is None else int(sep)
+
+
+def behaviour_data(model: Any, tokenizer: Any = None, **kwargs: Any) -> dict:
+    """The report's ``behaviour`` section: `qtoy_core.analysis.detectors.detectors_report` on repeated
+    random sequences that start with the tokenizer's separator (as training documents do; never drawn
+    otherwise), or None for a model without blocks."""
+    from .detectors import detectors_report
+
+    if not len(getattr(model, "blocks", [])):
+        return None
+    sep = _separator(tokenizer)
+    kwargs.setdefault("bos", sep)
+    return detectors_report(model, **kwargs)
+
+
+def _loss_plot(il: dict) -> str | None:
+    per = [float("nan") if v is None else v for v in il.get("per_position") or []]
+    if not per:
+        return None
+    fig, axes = _grid_figure(1, 1, 6.8, 1.9, left=0.7, bottom=0.5, top=0.4)
+    ax = axes[0, 0]
+    ax.plot(range(len(per)), per, lw=1.2, color=_C_QK, marker="o", ms=2.5)
+    start = il.get("second_half_start")
+    if start is not None:
+        ax.axvline(start - 0.5, color="#999", lw=0.8, ls="--")
+    if il.get("uniform") is not None:
+        ax.axhline(il["uniform"], color=_C_OV, lw=0.8, ls=":", label="ln(vocab)")
+        ax.legend(fontsize=7, frameon=False)
+    ax.set_xlabel("position of the prediction (dashed: second half)", fontsize=8)
+    ax.set_ylabel("loss (nats)", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.set_title("Loss on repeated random sequences", fontsize=10)
+    return _png(fig, "induction loss per position")
+
+
+def _behaviour_section(data: dict, plots: bool) -> str | None:
+    beh = data.get("behaviour")
+    if not beh:
+        return None
+    tok = beh.get("tokens") or {}
+    kinds = list(_KIND_NAMES)
+    body = [f'<p class="lead">Each head run on {_esc(tok.get("batch_size"))} repeated random sequences '
+            f'({_esc(tok.get("subseq_len"))} random tokens, then the same again'
+            + (f', after the separator #{_esc(tok.get("bos"))}' if tok.get("bos") is not None else "") +
+            '), scored by what it does, beside the weight-based score of the same kind. Patterns here are not '
+            'probability rows, so a detector scores the <b>share of the pattern’s |mass| on the target key</b> '
+            'per query row (previous token: q−1; duplicate: an earlier copy of the current token; induction: '
+            'the token after an earlier copy), averaged over rows with a target: 1 means all weight on the '
+            'targets, and for softmax it is the mean attention probability. <i>signed</i> keeps the sign of the '
+            'target weight (negative: a signed head subtracts the target’s value). Copying: where the '
+            'attended tokens rank in the head’s output read through the unembedding, 2·percentile−1 '
+            '(+1 top, 0 chance, −1 bottom), weighted by |pattern|.</p>']
+    head = "".join(f'<th colspan="3">{_esc(_KIND_NAMES[k])}</th>' for k in kinds)
+    sub = "".join("<th>behaviour</th><th>signed</th><th>weights</th>" for _ in kinds)
+    rows = []
+    for h in beh.get("heads") or []:
+        cells = "".join(_td(h.get(k)) + _td(h.get(f"{k}_signed")) + _td(h.get(f"{k}_weights")) for k in kinds)
+        rows.append(f'<tr><th scope="row">{_esc(h.get("layer"))}.{_esc(h.get("head"))}</th>{cells}</tr>')
+    first = (beh.get("heads") or [{}])[0]
+    chance = "".join(_td(first.get(f"{k}_uniform")) + "<td></td><td></td>" for k in kinds)
+    body.append(f'<div class="scroll"><table class="behaviour"><thead><tr><th></th>{head}</tr><tr><th>head</th>{sub}'
+                f'</tr></thead><tbody>{"".join(rows)}<tr class="muted"><th scope="row">uniform pattern '
+                f'(head {_esc(first.get("layer"))}.{_esc(first.get("head"))})</th>{chance}</tr></tbody></table></div>')
+    sp = beh.get("spearman") or {}
+    srows = "".join(f'<tr><th scope="row">{_esc(_KIND_NAMES.get(k, k))}</th>{_td(v.get("spearman"))}'
+                    f'{_td(v.get("n_heads"))}<td>{_esc(_WEIGHT_SOURCES.get(k, ""))}</td></tr>' for k, v in sp.items())
+    body.append('<h3>Do the weights and the behaviour agree?</h3><p class="muted small">Spearman rank correlation '
+                'between the behaviour score and the weight-based score of each kind, over the heads where both '
+                'exist (n/a: fewer than 3 heads, or one score constant).</p>'
+                '<table class="small-table"><thead><tr><th>kind</th><th>Spearman ρ</th><th>heads</th>'
+                f'<th>weight-based score</th></tr></thead><tbody>{srows}</tbody></table>')
+    il = beh.get("induction_loss") or {}
+    if il:
+        body.append('<h3>Induction loss</h3><table class="small-table"><thead><tr><th>second half (nats)</th>'
+                    '<th>first half</th><th>ln(vocab)</th></tr></thead><tbody><tr>'
+                    f'{_td(il.get("second_half_mean"))}{_td(il.get("first_half_mean"))}{_td(il.get("uniform"))}'
+                    '</tr></tbody></table><p class="muted small">Loss predicting the second half’s tokens '
+                    '2.. (the first cannot be inferred); an induction circuit brings it far below the first half. '
+                    'Per position in the JSON: <code>behaviour.induction_loss.per_position</code>.</p>')
+        if plots:
+            img = _loss_plot(il)
+            if img:
+                body.append(img)
+    for n in beh.get("notes") or []:
+        body.append(_note(n, "note warn"))
+    return _section("behaviour", "Heads scored on behaviour", "".join(body))
+
+
+def _attention_page_section(data: dict) -> str | None:
+    page = (data.get("meta") or {}).get("attention_page")
+    if not page:
+        return None
+    return _section("attention-patterns", "Attention patterns", (
+        f'<p class="lead">Every layer’s and head’s pattern on a text: <a href="{_esc(page)}">'
+        f'{_esc(page)}</a> (written alongside this report by <code>qtoy analyze --attention-text</code> or '
+        '<code>qtoy attention</code>; hover a token to see its weights over the keys).</p>'))
+
+
 def _timing(data: dict) -> str:
     t = data.get("timing_s") or {}
     if not t:
@@ -654,6 +772,11 @@ def render_report(data: dict, *, title: str | None = None, plots: bool = True) -
     if comp:
         nav.append('<a href="#composition">Composition</a>')
         sections.append(comp)
+    for id_, name, sec in (("behaviour", "Behaviour", _behaviour_section(data, plots)),
+                           ("attention-patterns", "Attention patterns", _attention_page_section(data))):
+        if sec:
+            nav.append(f'<a href="#{id_}">{name}</a>')
+            sections.append(sec)
     notes = list(data.get("notes") or []) + list(meta.get("notes") or [])
     notes_html = "".join(_note(n, "note warn") for n in notes)
     timing = _timing(data)
@@ -695,10 +818,12 @@ def _component_notes(model: Any, data: dict) -> list[str]:
 
 
 def build_report(model: Any, tokenizer: Any = None, *, top_k: int = 10, run: str | Path | None = None,
-                 **analyze_kwargs: Any) -> dict:
+                 behaviour: bool = True, attention_page: str | None = None, **analyze_kwargs: Any) -> dict:
     """`analyze_model(model, tokenizer, top_k)` plus ``meta``: report format, run path, the model config,
     the qtoy version, the tokenizer's description, when it was made, and notes for components without
-    weight views."""
+    weight views. ``behaviour``: add the ``behaviour`` section (`behaviour_data`: heads scored on
+    repeated random sequences beside their weight-based scores); ``attention_page``: the (relative)
+    path of an attention-viewer page written alongside, which the report links to."""
     from ..checkpoint import qtoy_version
     from .circuits import analyze_model
 
@@ -719,7 +844,10 @@ def build_report(model: Any, tokenizer: Any = None, *, top_k: int = 10, run: str
         "top_k": int(top_k),
         "tokenizer": tok,
         "notes": _component_notes(model, data),
+        "attention_page": attention_page,
     }
+    if behaviour:
+        data["behaviour"] = behaviour_data(model, tokenizer)
     return data
 
 
