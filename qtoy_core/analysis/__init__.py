@@ -7,7 +7,8 @@
 Modules: `weights` (per-head weight views through the components' ``weight_views()``), `circuits`
 (direct path, QK/OV circuits as `FactoredMatrix`, RoPE kernels, composition, bilinear MLP
 eigendecomposition, `analyze_model`), `cache` (`run_with_cache`, hook names), `factored`
-(`FactoredMatrix`), `tensor_network` (exact quimb networks). Names load lazily on first use.
+(`FactoredMatrix`), `tensor_network` (exact quimb networks), `similarity` (functional
+similarity of two models). Names load lazily on first use.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ _LAZY = {
     "EigenDirection": ".circuits",
     # cache
     "run_with_cache": ".cache", "hook_names": ".cache",
+    # similarity
+    "similarity": ".similarity", "similarity_matrix": ".similarity", "Similarity": ".similarity",
+    "SimilarityError": ".similarity",
     # factored
     "FactoredMatrix": ".factored", "composition_score": ".factored",
 }
