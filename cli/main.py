@@ -25,6 +25,9 @@ SUBCOMMANDS = {
     "visualize": ("qtoy_cli.analysis", "visualize_command"),
     "analyze": ("qtoy_cli.analysis", "analyze_command"),
     "new-plugin": ("qtoy_cli.new_plugin", "new_plugin_command"),
+    "checkpoints": ("qtoy_cli.dynamics", "checkpoints_command"),
+    "similarity": ("qtoy_cli.dynamics", "similarity_command"),
+    "dynamics": ("qtoy_cli.dynamics", "dynamics_command"),
 }
 
 
