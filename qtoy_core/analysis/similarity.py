@@ -131,8 +131,7 @@ def _part(tn: Any, t: int, prefix: str) -> tuple[list[np.ndarray], list[tuple[st
     return arrays, inputs
 
 
-def _contract_pair(tn_a: Any, tn_b: Any, t: int, optimize: Any, cache: Any) -> float:
-    """sum over all token sequences x_0..x_t of logits_a[t](x) . logits_b[t](x) (no normalisation)."""
+def _join(tn_a: Any, tn_b: Any, t: int) -> tuple[list[np.ndarray], list[tuple[str, ...]], dict[str, int]]:
     arrays_a, inputs_a = _part(tn_a, t, "a:")
     arrays_b, inputs_b = _part(tn_b, t, "b:")
     arrays, inputs = arrays_a + arrays_b, inputs_a + inputs_b
@@ -140,6 +139,19 @@ def _contract_pair(tn_a: Any, tn_b: Any, t: int, optimize: Any, cache: Any) -> f
     for arr, inds in zip(arrays, inputs):
         for i, s in zip(inds, arr.shape):
             size_dict[i] = s
+    return arrays, inputs, size_dict
+
+
+def pair_network(model_a: Any, model_b: Any, t: int) -> tuple[list[np.ndarray], list[tuple[str, ...]], dict[str, int]]:
+    """(arrays, index names, sizes) of the closed network whose value is the sum over all token
+    sequences x_0..x_t of ``logits_a[t](x) . logits_b[t](x)`` (for benchmarks and inspection)."""
+    T = t + 1
+    return _join(_networks(model_a, T, [t]), _networks(model_b, T, [t]), t)
+
+
+def _contract_pair(tn_a: Any, tn_b: Any, t: int, optimize: Any, cache: Any) -> float:
+    """sum over all token sequences x_0..x_t of logits_a[t](x) . logits_b[t](x) (no normalisation)."""
+    arrays, inputs, size_dict = _join(tn_a, tn_b, t)
     tree = cache.tree(inputs, (), size_dict, optimize)
     width = 2.0 ** float(tree.contraction_width())
     if width > MAX_EXACT_WIDTH:
