@@ -28,6 +28,9 @@ SUBCOMMANDS = {
     "attribute": ("qtoy_cli.attribute", "attribute_command"),
     "attention": ("qtoy_cli.analysis", "attention_command"),
     "new-plugin": ("qtoy_cli.new_plugin", "new_plugin_command"),
+    "checkpoints": ("qtoy_cli.dynamics", "checkpoints_command"),
+    "similarity": ("qtoy_cli.dynamics", "similarity_command"),
+    "dynamics": ("qtoy_cli.dynamics", "dynamics_command"),
 }
 
 

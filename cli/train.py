@@ -45,6 +45,14 @@ def default_run_folder(flags: dict) -> Path:
 @click.option("--max-tokens", "--max_tokens", "max_tokens", type=int)
 @click.option("--eval-interval", "--eval_interval", "eval_interval", type=int)
 @click.option("--eval-iters", "--eval_iters", "eval_iters", type=int)
+@click.option("--checkpoint-interval", "checkpoint_interval", type=int, help="steps between full checkpoints "
+              "(default: every evaluation)")
+@click.option("--checkpoint-schedule", "checkpoint_schedule", type=click.Choice(["interval", "log"]),
+              help="log: also keep weights at steps 1, 2, 4, ... then every --snapshot-interval steps [interval]")
+@click.option("--snapshot-interval", "snapshot_interval", type=int, help="log schedule: steps between snapshots "
+              "after the powers of two (default: the checkpoint interval)")
+@click.option("--checkpoint-minutes", "checkpoint_minutes", type=float, help="also save a full checkpoint when "
+              "this many minutes passed since the last [10]")
 @click.option("--grad-clip", "--grad_clip", "grad_clip", type=float)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]))
 @click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile (default: when it pays)")

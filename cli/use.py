@@ -45,11 +45,34 @@ def eval_command(run, dataset, data_files, tokenizer, eval_iters, batch_size, as
         raise click.ClickException("the validation stream produced no batch: the data is too small.")
     result = {"run": run, "dataset": data.dataset.name, "batches": scored.batches, "tokens": scored.tokens,
               "loss": scored.loss, "perplexity": scored.perplexity}
+    if callable(getattr(source, "batch_ground_truth", None)):  # a corpus that knows its entropy (synthetic)
+        result["optimum"] = _excess(model, source, data, model.config.n_ctx, batch_size or train.get("batch_size", 16),
+                                    train.get("seed", 0), eval_iters)
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
         click.echo(f"{data.dataset.name}: loss {scored.loss:.4f}  perplexity {scored.perplexity:.2f}  "
                    f"({scored.batches} batches, {scored.tokens:,} tokens)")
+        if "optimum" in result:
+            o = result["optimum"]
+            click.echo(f"excess over the generator's entropy: {o['excess']:.4f} nats/token (loss {o['loss']:.4f}, "
+                       f"entropy {o['entropy']:.4f})")
+            for label, e in o["by_label"].items():
+                if e["tokens"]:
+                    click.echo(f"  {label:<9} {e['fraction']:6.1%} of tokens  loss {e['loss']:.4f}  entropy "
+                               f"{e['entropy']:.4f}  excess {e['excess']:.4f}")
+
+
+def _excess(model, source, data, n_ctx, batch_size, seed, eval_iters) -> dict:
+    """Loss, entropy and excess loss per label on the validation stream (`analysis.optimum.excess_loss`)."""
+    from qtoy_core.analysis.optimum import excess_loss
+    from qtoy_core.data import StreamingTextDataset
+
+    labels = getattr(source, "LABELS", None) or ("fixed", "copyable", "free")
+    stream = StreamingTextDataset(source, split="validation", n_ctx=n_ctx, batch_size=batch_size, mode=data.mode,
+                                  seed=seed, shuffle_buffer=data.shuffle_buffer, tokenize_batch=data.tokenize_batch,
+                                  track_documents=True)
+    return excess_loss(model, stream, source.batch_ground_truth, labels=labels, max_batches=eval_iters)
 
 
 @click.command("generate")

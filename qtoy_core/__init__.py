@@ -114,6 +114,15 @@ _LAZY = {
     "to_tensor_network": ".analysis.tensor_network",
     "contract_logits": ".analysis.tensor_network",
     "rotation_matrices": ".analysis.tensor_network",
+    # weight views and circuits a callback or plugin may read (the ones `qtoy analyze` uses)
+    "model_weights": ".analysis.weights",
+    "qk_matrix": ".analysis.circuits",
+    "ov_matrix": ".analysis.circuits",
+    "spectrum": ".analysis.circuits",
+    "mlp_interaction": ".analysis.circuits",
+    # functional similarity of two models (qtoy_core.analysis.similarity)
+    "similarity": ".analysis.similarity",
+    "SimilarityError": ".analysis.similarity",
     # the host process: keep freed memory for reuse, as the qtoy command does (no torch)
     "keep_freed_memory": ".host_memory",
 }

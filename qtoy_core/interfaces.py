@@ -117,6 +117,13 @@ class Callback:
     def on_checkpoint(self, trainer: Any, path: Any) -> None: ...
     def on_train_end(self, trainer: Any, summary: dict) -> None: ...
 
+    @staticmethod
+    def plot_panels(run: Any) -> list:
+        """Panels this callback adds to `qtoy plot RUN` (read from what it wrote into the run folder
+        ``run``, a Path): a list of functions ``draw(ax)`` on a matplotlib Axes, one per row, x = step.
+        Called on the class (no instance, no config) after training; [] draws nothing."""
+        return []
+
 
 def split_heads(x: Tensor, n_head: int) -> Tensor:
     """(batch, time, heads * d_head) -> (batch, heads, time, d_head)."""

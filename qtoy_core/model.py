@@ -211,10 +211,22 @@ class ToyTransformer(nn.Module, _model_hub_mixin()):
         save_model_files(self, save_directory)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs: Any) -> "ToyTransformer":
-        """A model from a run folder, a save_pretrained folder, or a Hugging Face hub repo id."""
+    def from_pretrained(cls, pretrained_model_name_or_path, *, step: int | None = None,
+                        **kwargs: Any) -> "ToyTransformer":
+        """A model from a run folder, a save_pretrained folder, or a Hugging Face hub repo id.
+        ``step``: the weights a run saved at that step (a log-schedule snapshot or a checkpoint;
+        `qtoy checkpoints RUN` lists them) instead of the latest."""
         from .checkpoint import CheckpointError, read_document
 
+        if step is not None:
+            from .checkpoint import load_weights, model_config_from_document
+            from .training.run_folder import checkpoint_weights
+
+            path = checkpoint_weights(pretrained_model_name_or_path, int(step))
+            model = cls(model_config_from_document(read_document(pretrained_model_name_or_path),
+                                                   str(pretrained_model_name_or_path)))
+            load_weights(model, path, map_location=kwargs.get("map_location", "cpu"))
+            return model
         if os.path.isdir(pretrained_model_name_or_path):
             read_document(pretrained_model_name_or_path)  # a broken config.json is a clear CheckpointError
         try:

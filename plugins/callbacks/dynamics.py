@@ -1,44 +1,46 @@
-"""The seed's "deep bilinear training dynamics" study as a switch: `qtoy train --callback dynamics`."""
+"""The seed's "deep bilinear training dynamics" study as a switch: `qtoy train --callback dynamics`.
+
+Every number is read through qtoy's weight views (`model_weights`, the circuits `qtoy analyze` uses),
+never by attribute name: every QK pair of an attention (bilinear attention has two), any MLP that
+offers bilinear ``W_l``/``W_r``/``W_out`` views (plugins included), and norm gains folded in.
+The callback also draws its own panels for `qtoy plot` (`plot_panels`), so core knows nothing of
+dynamics.jsonl's keys.
+"""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 
-from qtoy_core import Callback
+from qtoy_core import Callback, mlp_interaction, model_weights, ov_matrix, qk_matrix, spectrum
 
 FILE_NAME = "dynamics.jsonl"
 
 
-def head_matrices(attn, weight_name: str) -> torch.Tensor:
-    """(n_head, d_head, d_model) per-head rows of a projection's weight."""
-    w = getattr(attn, weight_name).weight
-    return w.view(attn.n_head, attn.d_head, -1)
+def _top_singular_values(fm, top_k: int) -> list[list[float]]:
+    """(n_head, top_k) largest singular values of a per-head FactoredMatrix (d_model x d_model, low rank)."""
+    return torch.linalg.svdvals(fm.AB.double())[:, :top_k].tolist()
 
 
 @torch.no_grad()
 def circuit_spectra(model, top_k: int) -> dict:
-    """Top singular values per head of W_QK = W_Q^T W_K and W_OV = W_O W_V (d_model x d_model, low rank),
-    and for bilinear MLPs the top |eigenvalues| of the interaction matrix along the MLP's dominant
-    output direction u: Q_u = sum_h (u . W_out[:, h]) sym(W_l[h]^T W_r[h])."""
+    """Top singular values per head of every QK form ``W_Q K W_K^T`` (key ``qk_sv`` for the first pair,
+    ``qk2_sv``, ... for more) and of ``W_OV = W_V W_O``; each head's OV copying score (as `qtoy analyze`
+    reports it: of ``W_E W_V W_O W_U``); and for bilinear MLPs the top |eigenvalues| of the interaction
+    matrix along the MLP's dominant output direction u: ``Q_u = sym(sum_h (u . W_out[:, h]) W_l[h]^T W_r[h])``."""
+    w = model_weights(model)
     out = {}
-    for i, block in enumerate(model.blocks):
-        attn = block.attn
-        if all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "out_proj", "n_head")):
-            wq, wk, wv = (head_matrices(attn, n).float() for n in ("q_proj", "k_proj", "v_proj"))
-            wo = attn.out_proj.weight.float().view(-1, attn.n_head, attn.d_head).transpose(0, 1)  # (H, d_model, d_head)
-            qk = torch.linalg.svdvals(wq.transpose(1, 2) @ wk)[:, :top_k]
-            ov = torch.linalg.svdvals(wo @ wv)[:, :top_k]
-            out[f"blocks.{i}.attn.qk_sv"] = qk.tolist()
-            out[f"blocks.{i}.attn.ov_sv"] = ov.tolist()
-        mlp = getattr(block, "mlp", None)
-        if mlp is not None and all(hasattr(mlp, n) for n in ("w_left", "w_right", "out_proj")):
-            w_out = mlp.out_proj.weight.float()
-            u = torch.linalg.svd(w_out, full_matrices=False).U[:, 0]
-            coeff = u @ w_out                                          # (d_mlp,)
-            q = torch.einsum("h,hi,hj->ij", coeff, mlp.w_left.weight.float(), mlp.w_right.weight.float())
-            eig = torch.linalg.eigvalsh(0.5 * (q + q.T))
+    for lw in w.layers:
+        i = lw.layer
+        if lw.has_circuits:
+            for f in range(len(lw.qk_pairs)):
+                out[f"blocks.{i}.attn.qk{'' if f == 0 else f + 1}_sv"] = _top_singular_values(qk_matrix(w, i, factor=f), top_k)
+            out[f"blocks.{i}.attn.ov_sv"] = _top_singular_values(ov_matrix(w, i), top_k)
+        if lw.is_bilinear_mlp:
+            u = torch.linalg.svd(lw.mlp["W_out"], full_matrices=False).U[:, 0]
+            eig = torch.linalg.eigvalsh(mlp_interaction(w, i, u).double())
             out[f"blocks.{i}.mlp.top_eig"] = eig[eig.abs().argsort(descending=True)][:top_k].tolist()
     return out
 
@@ -77,6 +79,40 @@ class Dynamics(Callback):
                 except (json.JSONDecodeError, KeyError):
                     continue
             path.write_text("".join(kept), encoding="utf-8")
+
+    @staticmethod
+    def plot_panels(run: Path) -> list:
+        """`Callback.plot_panels`: the top singular values per circuit and the weight norms over steps."""
+        records = _read_jsonl(Path(run) / FILE_NAME)
+        if not records:
+            return []
+        x = [d["step"] for d in records]
+
+        def spectra(ax) -> None:
+            for key in sorted(k for k in records[-1] if k.endswith("_sv")):
+                series = [d[key][0][0] if d.get(key) else float("nan") for d in records]  # head 0, top value
+                ax.plot(x, series, label=f"{key} (head 0, top)")
+            ax.set_ylabel("top singular value")
+            ax.legend(fontsize="x-small")
+
+        def norms(ax) -> None:
+            for key in sorted(records[-1]["weight_norm"]):
+                ax.plot(x, [d["weight_norm"].get(key, float("nan")) for d in records], label=key)
+            ax.set_ylabel("weight norm")
+            ax.legend(fontsize="x-small")
+
+        return [spectra, norms]
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    out = []
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
 
 
 def _layer_norms(model, *, grads: bool) -> dict[str, float]:

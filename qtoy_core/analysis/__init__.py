@@ -12,7 +12,7 @@ TransformerLens's names and layouts), `hooks` (`run_with_hooks`, `hooks`: interv
 ``get_act_patch_*``, heat maps), `factored` (`FactoredMatrix`), `tensor_network` (exact quimb
 networks), `attribution` (exact logit attribution, the path expansion of polynomial attention),
 `detectors` (heads scored on behaviour, `induction_loss`), `attention_view` (the attention viewer
-page). Names load lazily on first use.
+page), `similarity` (functional similarity of two models). Names load lazily on first use.
 """
 
 from __future__ import annotations
@@ -55,6 +55,9 @@ _LAZY = {
     "spearman": ".detectors", "HeadDetectors": ".detectors", "InductionLoss": ".detectors",
     # attention viewer
     "attention_view": ".attention_view", "AttentionView": ".attention_view",
+    # similarity
+    "similarity": ".similarity", "similarity_matrix": ".similarity", "Similarity": ".similarity",
+    "SimilarityError": ".similarity",
     # factored
     "FactoredMatrix": ".factored", "composition_score": ".factored",
 }

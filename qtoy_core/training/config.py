@@ -44,6 +44,13 @@ class TrainConfig(BaseModel):
     eval_iters: int = Field(10, gt=0, description="validation batches per evaluation")
     log_interval: int = Field(10, gt=0)
     checkpoint_interval: int | None = Field(None, gt=0, description="default: every evaluation")
+    checkpoint_schedule: Literal["interval", "log"] = Field(
+        "interval", description="log: also keep weights-only snapshots at steps 1, 2, 4, ... and then every "
+                                "snapshot_interval steps, under checkpoints/snapshots/ (for training dynamics)")
+    snapshot_interval: int | None = Field(None, gt=0, description="log schedule: steps between snapshots after "
+                                                                  "the powers of two (default: checkpoint_interval)")
+    checkpoint_minutes: float | None = Field(10.0, gt=0, description="also save a full checkpoint when this many "
+                                                                     "minutes passed since the last; null: steps only")
     grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm; null disables clipping")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: bool | None = Field(None, description="torch.compile; default: when it pays for the run length")

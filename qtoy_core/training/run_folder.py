@@ -6,6 +6,9 @@
     RUN/checkpoint.json        pointer to the latest complete checkpoint and the best one
     RUN/checkpoints/step_N/    model.safetensors, trainer_state.pt, config.json (one complete checkpoint)
     RUN/latest, RUN/best       links to checkpoint folders (from_pretrained(RUN / "best") works)
+    RUN/checkpoints/snapshots/step_N.safetensors
+                               weights-only snapshots of the log schedule (metadata: step, tokens)
+    RUN/trainer.lock           held (flock) by the one trainer writing the folder
 
 A checkpoint folder is written under a temporary name and renamed when complete; only then does
 checkpoint.json (itself written atomically) point at it. A kill at any moment leaves the previous
@@ -29,6 +32,8 @@ from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME, check_document, component_pr
 from ..run_files import append_jsonl, current_umask, read_jsonl, truncate_jsonl, write_atomic
 
 POINTER_NAME = "checkpoint.json"
+SNAPSHOT_DIR = "checkpoints/snapshots"
+LOCK_NAME = "trainer.lock"
 STATE_NAME = "trainer_state.pt"
 METRICS_NAME = "metrics.jsonl"
 MIN_FREE_BYTES = 64 * 2**20
@@ -149,7 +154,8 @@ class RunFolder:
         try:
             tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=checkpoints))
             os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; keep the usual permissions
-            save_model(model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "step": str(step)})
+            save_model(model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "step": str(step),
+                                                                 "tokens": str(state.get("tokens", ""))})
             torch.save(state, tmp / STATE_NAME)
             (tmp / CONFIG_NAME).write_text(json.dumps(model_doc, indent=2) + "\n", encoding="utf-8")
             for f in tmp.iterdir():
@@ -239,6 +245,61 @@ class RunFolder:
                                  f"from the best checkpoint instead (copy its path into 'latest' in "
                                  f"{self.path / POINTER_NAME}), or start the run again.") from None
 
+    # -- one writer ------------------------------------------------------------------------------
+    def acquire_lock(self) -> None:
+        """Hold an exclusive OS lock (``flock``) on RUN/trainer.lock for as long as this process trains
+        into the folder. The kernel drops it when the process dies (even by kill -9), so a crash never
+        leaves the folder locked; a second trainer onto a folder whose trainer is alive is refused."""
+        try:
+            import fcntl
+        except ImportError:  # Windows: no flock; one writer is then the user's job
+            return
+        if getattr(self, "_lock_fd", None) is not None:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown"
+            os.close(fd)
+            raise RunFolderError(f"{self.path} is being written by another trainer that is still running ({holder}). "
+                                 f"Two trainers in one folder would interleave checkpoints and metrics. Wait for it "
+                                 f"to finish (or stop it: Ctrl-C / kill its process), then resume with --resume "
+                                 f"{self.path}; or train into another --out folder.") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}".encode(), 0)
+        self._lock_fd = fd
+
+    def release_lock(self) -> None:
+        fd = getattr(self, "_lock_fd", None)
+        if fd is not None:
+            self._lock_fd = None
+            os.close(fd)  # closing the descriptor releases the flock
+
+    # -- snapshots (log schedule) -------------------------------------------------------------------
+    def save_snapshot(self, model: torch.nn.Module, step: int, tokens: int) -> Path:
+        """Weights only, atomically, as checkpoints/snapshots/step_N.safetensors (step and tokens in
+        the safetensors metadata)."""
+        from safetensors.torch import save_model
+
+        from ..checkpoint import atomic_write
+
+        path = self.path / SNAPSHOT_DIR / f"step_{step:08d}.safetensors"
+        try:
+            atomic_write(path, lambda tmp: save_model(model, str(tmp), metadata={
+                "format": "pt", "step": str(step), "tokens": str(tokens)}))
+        except OSError as exc:
+            raise RunFolderError(f"Saving the snapshot at step {step} failed ({_why(exc)}). Free disk space or fix "
+                                 f"permissions, then resume with --resume {self.path}.") from None
+        return path
+
+    def drop_snapshots_after(self, step: int) -> None:
+        """A resumed run rewrites the snapshots after its checkpoint, like metrics.jsonl."""
+        for entry in list_checkpoints(self.path, kinds=("snapshot",)):
+            if entry["step"] > step:
+                Path(entry["path"]).unlink(missing_ok=True)
+
     # -- metrics ---------------------------------------------------------------------------------
     def append_metrics(self, records: list[dict[str, Any]]) -> None:
         try:
@@ -258,9 +319,70 @@ def _why(exc: OSError) -> str:
     return f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else (exc.strerror or str(exc))
 
 
+def _snapshot_meta(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}
+
+
+def list_checkpoints(run: str | os.PathLike, kinds: tuple[str, ...] = ("snapshot", "checkpoint")) -> list[dict[str, Any]]:
+    """Every saved set of weights of a run, by step: ``{"step", "tokens", "kind", "path", "latest",
+    "best"}`` where kind is "snapshot" (weights only, log schedule) or "checkpoint" (full trainer
+    state); a step saved both ways is listed once, as the checkpoint. Tokens are None where unknown."""
+    run = Path(run)
+    found: dict[int, dict[str, Any]] = {}
+    if "snapshot" in kinds:
+        for path in sorted((run / SNAPSHOT_DIR).glob("step_*.safetensors")):
+            try:
+                meta = _snapshot_meta(path)
+                step = int(meta.get("step", path.stem.split("_")[-1]))
+            except Exception:  # a file cut short by hand: not listed
+                continue
+            tokens = meta.get("tokens")
+            found[step] = {"step": step, "tokens": int(tokens) if tokens else None, "kind": "snapshot",
+                           "path": str(path), "latest": False, "best": False}
+    if "checkpoint" in kinds:
+        try:
+            pointer = json.loads((run / POINTER_NAME).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            pointer = {}
+        best = (pointer.get("best") or {}).get("path")
+        for folder in sorted((run / "checkpoints").glob("step_*")):
+            weights = folder / WEIGHTS_NAME
+            if not weights.exists() or not (folder / STATE_NAME).exists():
+                continue
+            step = int(folder.name.split("_")[-1])
+            rel = f"checkpoints/{folder.name}"
+            tokens = found.get(step, {}).get("tokens")
+            try:
+                tokens = int(_snapshot_meta(weights).get("tokens", "")) if tokens is None else tokens
+            except Exception:
+                pass
+            found[step] = {"step": step, "tokens": tokens, "kind": "checkpoint", "path": str(weights),
+                           "latest": pointer.get("latest") == rel, "best": best == rel}
+    return [found[s] for s in sorted(found)]
+
+
+def checkpoint_weights(run: str | os.PathLike, step: int) -> Path:
+    """The weights file a run saved at ``step``; a clear error naming the saved steps otherwise."""
+    saved = list_checkpoints(run)
+    for entry in saved:
+        if entry["step"] == step:
+            return Path(entry["path"])
+    if not saved:
+        raise RunFolderError(f"{run} has no saved checkpoints or snapshots, so there is no step {step} to load. "
+                             f"Train with --checkpoint-schedule log to keep weights at steps 1, 2, 4, ... "
+                             f"(qtoy checkpoints RUN lists what a run kept).")
+    steps = [e["step"] for e in saved]
+    shown = ", ".join(map(str, steps[:20])) + (" ..." if len(steps) > 20 else "")
+    raise RunFolderError(f"{run} has no weights saved at step {step}; it kept steps {shown}. Pick one of these "
+                         f"(qtoy checkpoints {run}).")
+
+
 def read_metrics(run: str | os.PathLike) -> list[dict[str, Any]]:
     """The records of RUN/metrics.jsonl (a line cut short by a kill is skipped)."""
     return read_jsonl(Path(run) / METRICS_NAME)
 
 
-__all__ = ["RunFolder", "RunFolderError", "read_metrics", "run_document", "component_providers"]
+__all__ = ["RunFolder", "RunFolderError", "checkpoint_weights", "list_checkpoints", "read_metrics", "run_document", "component_providers"]

@@ -43,6 +43,15 @@ def cosine_schedule(step: int, *, warmup: int, total: int, min_lr_frac: float) -
     return min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def snapshot_due(step: int, *, every: int, last: bool = False) -> bool:
+    """The log schedule: steps 1, 2, 4, 8, ... below ``every``, then every ``every`` steps, and the last."""
+    return last or step % every == 0 or (0 < step < every and step & (step - 1) == 0)
+
+
+#: The clock of wall-clock checkpoints (a module attribute, so tests can move time forward).
+monotonic = time.monotonic
+
+
 def should_compile(setting: bool | None, *, seconds_per_step: float, steps_left: int) -> bool:
     if setting is not None:
         return setting
@@ -110,6 +119,7 @@ class Trainer:
     def setup(self) -> None:
         cfg = self.config
         if self.world.is_main:
+            self.run.acquire_lock()  # before anything is written: one trainer per run folder
             self.run.prepare(fresh=not self.resume)
         if self.resume:  # before building anything: is there a checkpoint to resume from?
             self._find_checkpoint()
@@ -204,6 +214,7 @@ class Trainer:
             self.train_stream.load_state_dict(state["data"])
         if self.world.is_main:
             self.run.truncate_metrics(self.step)
+            self.run.drop_snapshots_after(self.step)
             self.run.republish()
 
     def _state(self) -> dict[str, Any]:
@@ -222,6 +233,12 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
+        try:
+            return self._fit()
+        finally:
+            self.run.release_lock()
+
+    def _fit(self) -> dict[str, Any]:
         self.setup()
         for cb in self.callbacks:
             cb.on_train_start(self)
@@ -249,6 +266,8 @@ class Trainer:
     def _loop(self) -> None:
         cfg = self.config.train
         ckpt_every = cfg.checkpoint_interval or cfg.eval_interval
+        snapshot_every = cfg.snapshot_interval or ckpt_every
+        self._last_save = monotonic()
         self.last_train_loss = None
         self.skipped_total = 0
         self._first_step, self._compile_decided = self.step, False
@@ -285,7 +304,11 @@ class Trainer:
             if self.step % cfg.eval_interval == 0 or last:
                 self.evaluate()
                 evaluated = True
-            if self.step % ckpt_every == 0 or last:
+            if cfg.checkpoint_schedule == "log" and self.world.is_main and snapshot_due(
+                    self.step, every=snapshot_every, last=last):
+                self.run.save_snapshot(self.model, self.step, self.tokens)
+            overdue = cfg.checkpoint_minutes is not None and monotonic() - self._last_save >= 60 * cfg.checkpoint_minutes
+            if self.step % ckpt_every == 0 or last or overdue:
                 self.save_checkpoint(val_loss=self.last_eval.get("val_loss") if evaluated else None)
             if self._stop_signal is not None:
                 self.save_checkpoint()
@@ -365,6 +388,7 @@ class Trainer:
     def save_checkpoint(self, val_loss: float | None = None) -> None:
         if val_loss is not None and (self.best_val is None or val_loss < self.best_val):
             self.best_val = val_loss
+        self._last_save = monotonic()
         if not self.world.is_main:
             return
         path = self.run.save_checkpoint(self.model, self.model_doc, self._state(), self.step, val_loss=val_loss)

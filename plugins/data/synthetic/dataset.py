@@ -67,6 +67,8 @@ class GeneratorSource:
 class SyntheticDataset(TextDataset):
     """Generated children's stories with exact entropy and per-token labels (see the module docstring)."""
 
+    LABELS = LABELS  # the label names batch_ground_truth's codes index (qtoy eval's excess loss reads them)
+
     def __init__(self, config):
         super().__init__(config)
         self.generator = StoryGenerator(seed=config.seed, difficulty=config.difficulty)

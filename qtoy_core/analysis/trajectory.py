@@ -1,0 +1,241 @@
+"""A run's trajectory: metrics per saved checkpoint, the similarity matrix over checkpoints, phases.
+
+    rows = trajectory(run)                           # one dict per checkpoint (qtoy dynamics RUN)
+    values, errs, steps = checkpoint_similarity(run) # (K, K) similarity over the run's checkpoints
+    change_points(values)                            # indices where the trajectory jumps
+
+Every number comes from the functions `qtoy analyze` and `qtoy eval` use: copying scores from
+`spectrum(ov_circuit(...))`, K-composition and the weight-based induction score from
+`rank_head_pairs` / `induction_heads`, losses from `optimum.excess_loss`, similarity from
+`similarity`. Behaviour-based scores plug in through ``metrics`` (name -> function of the model),
+e.g. an induction-loss detector: ``trajectory(run, metrics={"induction (behaviour)": fn})``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+
+from qtoy_registry import QtoyError
+
+__all__ = ["change_points", "checkpoint_models", "checkpoint_similarity", "plot_similarity", "plot_trajectory",
+           "trajectory", "validation_batches", "weight_metrics"]
+
+
+def checkpoint_models(run: str | Path) -> list[tuple[dict, Any]]:
+    """(entry of `list_checkpoints`, model) for every saved step of ``run``, in step order."""
+    from ..model import ToyTransformer
+    from ..training.run_folder import RunFolderError, list_checkpoints
+
+    entries = list_checkpoints(run)
+    if not entries:
+        raise RunFolderError(f"{run} has no saved checkpoints or snapshots, so it has no trajectory to show. Train "
+                             f"with --checkpoint-schedule log to keep weights at steps 1, 2, 4, ... (then qtoy "
+                             f"checkpoints RUN lists them).")
+    return [(e, ToyTransformer.from_pretrained(run, step=e["step"]).eval()) for e in entries]
+
+
+def validation_batches(run: str | Path, *, n_batches: int = 4, batch_size: int = 16) -> tuple[list, Any]:
+    """(a fixed list of validation Batches with document positions, the dataset) from the run's own
+    dataset and tokenizer; every checkpoint is measured on the same batches."""
+    from ..checkpoint import read_document
+    from ..data import StreamingTextDataset, build_dataset
+    from ..data.config import DataConfig
+
+    doc = read_document(run)
+    data = DataConfig.model_validate(doc.get("data", {}))
+    ds = data.dataset.model_dump()
+    if (Path(run) / "tokenizer.json").exists():
+        ds["tokenizer"] = str(Path(run) / "tokenizer.json")
+    data = DataConfig.model_validate({**data.model_dump(), "dataset": ds})
+    source = build_dataset(data.dataset)
+    stream = StreamingTextDataset(source, split="validation", n_ctx=doc["model"]["n_ctx"], batch_size=batch_size,
+                                  mode=data.mode, seed=doc.get("train", {}).get("seed", 0),
+                                  shuffle_buffer=data.shuffle_buffer, tokenize_batch=data.tokenize_batch,
+                                  track_documents=True)
+    batches = []
+    for batch in stream:
+        batches.append(batch)
+        if len(batches) >= n_batches:
+            break
+    if not batches:
+        raise QtoyError(f"The validation split of {run}'s dataset produced no batch.")
+    return batches, source
+
+
+@torch.no_grad()
+def weight_metrics(model: Any) -> dict[str, float]:
+    """Weight-based circuit scores of `qtoy analyze`: per layer the best OV copying score over heads;
+    the best K- and Q-composition score over head pairs (minus the random-weights baseline); the
+    weight-based induction score (the best K-composition pair's score above baseline, times the later
+    head's copying score clipped at 0: high only when a head composes with an earlier one and copies)."""
+    from .circuits import induction_heads, ov_circuit, rank_head_pairs, spectrum
+    from .weights import model_weights
+
+    w = model_weights(model)
+    out: dict[str, float] = {}
+    for lw in w.layers:
+        if lw.has_circuits:
+            out[f"copying L{lw.layer}"] = max(s.copying_score for s in spectrum(ov_circuit(w, lw.layer)))
+    if sum(lw.has_circuits for lw in w.layers) >= 2:
+        for kind in ("k", "q"):
+            best = rank_head_pairs(w, kind, top=1)[0]
+            out[f"{kind.upper()}-composition"] = best.score - best.baseline
+        ind = induction_heads(w, top=None)
+        out["induction (weights)"] = max((p.score - p.baseline) * max(p.copying_score_to or 0.0, 0.0) for p in ind)
+    return out
+
+
+def trajectory(run: str | Path, *, similarity_method: str = "data", n_batches: int = 4, batch_size: int = 16,
+               metrics: dict[str, Callable[[Any], float]] | None = None,
+               models: list[tuple[dict, Any]] | None = None) -> list[dict[str, Any]]:
+    """One row per saved checkpoint of ``run``: step, tokens, validation loss (and, on a corpus with
+    ground truth, entropy and excess loss overall and per label), `weight_metrics`, any extra
+    ``metrics``, and ``similarity to final`` (`similarity` with the last checkpoint: ``data`` on the
+    same validation sequences, or ``exact``)."""
+    from .optimum import excess_loss
+    from .similarity import similarity
+
+    models = checkpoint_models(run) if models is None else models
+    batches, source = validation_batches(run, n_batches=n_batches, batch_size=batch_size)
+    truth = getattr(source, "batch_ground_truth", None)
+    labels = getattr(source, "LABELS", None) or ("fixed", "copyable", "free")
+    final = models[-1][1]
+    rows = []
+    for entry, model in models:
+        row: dict[str, Any] = {"step": entry["step"], "tokens": entry["tokens"], "kind": entry["kind"]}
+        if callable(truth):
+            o = excess_loss(model, batches, truth, labels=labels)
+            row.update({"loss": o["loss"], "entropy": o["entropy"], "excess": o["excess"]})
+            for label, e in o["by_label"].items():
+                row[f"excess {label}"] = e["excess"]
+        else:
+            row["loss"] = _plain_loss(model, batches)
+        row.update(weight_metrics(model))
+        for name, fn in (metrics or {}).items():
+            row[name] = float(fn(model))
+        sim = similarity(model, final, similarity_method, batches=batches if similarity_method == "data" else None,
+                         samples=0)
+        row["similarity to final"] = sim.value
+        row["similarity to final stderr"] = sim.stderr
+        rows.append(row)
+    return rows
+
+
+@torch.no_grad()
+def _plain_loss(model: Any, batches: Iterable) -> float:
+    from ..model import cross_entropy
+
+    total, count = 0.0, 0
+    for b in batches:
+        mask = b.attention_mask
+        logits = model(b.tokens[:, :-1], None if mask is None else mask[:, :-1])
+        n = int(mask[:, 1:].sum()) if mask is not None else b.tokens[:, 1:].numel()
+        total += cross_entropy(logits, b.tokens[:, 1:], None if mask is None else mask[:, 1:]).item() * n
+        count += n
+    return total / count
+
+
+def checkpoint_similarity(run: str | Path, *, method: str = "data", n_ctx: int | None = None,
+                          positions: str = "last", n_batches: int = 4, batch_size: int = 16,
+                          models: list[tuple[dict, Any]] | None = None) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """(values, stderrs, steps): `similarity_matrix` over the run's checkpoints (``data``: on the
+    run's validation sequences; ``exact``: uniform sequences of length ``n_ctx``)."""
+    from .similarity import similarity_matrix
+
+    models = checkpoint_models(run) if models is None else models
+    batches = None
+    if method == "data":
+        batches, _ = validation_batches(run, n_batches=n_batches, batch_size=batch_size)
+    values, errs = similarity_matrix([m for _, m in models], method, n_ctx=n_ctx, positions=positions,
+                                     batches=batches, samples=0)
+    return values, errs, [e["step"] for e, _ in models]
+
+
+def change_points(values: np.ndarray) -> list[int]:
+    """Indices k (checkpoint k -> k+1) where the trajectory jumps: the dissimilarity of consecutive
+    checkpoints, ``1 - S[k, k+1]``, is a local maximum and above median + 3 MAD of all of them (a
+    robust outlier rule). Returns the index of the checkpoint *after* the jump."""
+    d = 1.0 - np.diag(values, 1)
+    if len(d) < 3:
+        return []
+    med = float(np.median(d))
+    mad = float(np.median(np.abs(d - med))) or 1e-12
+    out = []
+    for k in range(len(d)):
+        left = d[k - 1] if k > 0 else -math.inf
+        right = d[k + 1] if k + 1 < len(d) else -math.inf
+        if d[k] >= left and d[k] >= right and d[k] > med + 3 * mad:
+            out.append(k + 1)
+    return out
+
+
+def plot_similarity(values: np.ndarray, steps: list[int], out: str | Path, *, title: str = "") -> Path:
+    """Heatmap of the similarity matrix (checkpoints by step), change points marked by lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 5.5), constrained_layout=True)
+    im = ax.imshow(values, cmap="viridis", vmin=min(0.0, float(np.nanmin(values))), vmax=1.0)
+    labels = [str(s) for s in steps]
+    every = max(1, len(steps) // 16)
+    ax.set_xticks(range(0, len(steps), every), labels[::every], rotation=90, fontsize="x-small")
+    ax.set_yticks(range(0, len(steps), every), labels[::every], fontsize="x-small")
+    for k in change_points(values):
+        ax.axhline(k - 0.5, color="red", lw=1)
+        ax.axvline(k - 0.5, color="red", lw=1)
+    ax.set_xlabel("checkpoint step")
+    ax.set_ylabel("checkpoint step")
+    ax.set_title(title or "functional similarity (red: change points)", fontsize="small")
+    fig.colorbar(im, ax=ax, label="cosine similarity of output functions")
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_trajectory(rows: list[dict[str, Any]], out: str | Path, *, title: str = "") -> Path:
+    """One picture of when each circuit forms: loss / excess per label, copying and composition
+    scores, induction score(s), similarity to the final model; x = step (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    keys = set().union(*rows)
+    panels = [
+        ("loss (nats)", sorted(k for k in keys if k in ("loss", "entropy") or k.startswith("excess"))),
+        ("copying score", sorted(k for k in keys if k.startswith("copying"))),
+        ("composition (above baseline)", sorted(k for k in keys if k.endswith("composition"))),
+        ("induction score", sorted(k for k in keys if k.startswith("induction"))),
+        ("similarity to final", ["similarity to final"]),
+    ]
+    panels = [(name, ks) for name, ks in panels if ks]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.4 * len(panels)), sharex=True, constrained_layout=True,
+                             squeeze=False)
+    for ax, (name, ks) in zip(axes[:, 0], panels):
+        for k in ks:
+            y = [r.get(k, float("nan")) for r in rows]
+            y = [float("nan") if v is None else v for v in y]
+            ax.plot(steps, y, "o-", ms=3, label=k)
+            if k == "similarity to final":
+                err = [r.get("similarity to final stderr", 0.0) or 0.0 for r in rows]
+                ax.fill_between(steps, np.array(y) - 2 * np.array(err), np.array(y) + 2 * np.array(err), alpha=0.2)
+        ax.set_ylabel(name, fontsize="small")
+        ax.legend(fontsize="x-small", loc="best")
+        ax.grid(alpha=0.3)
+    ax = axes[-1, 0]
+    ax.set_xscale("log")
+    ax.set_xlabel("step (log scale)")
+    axes[0, 0].set_title(title or "training dynamics", fontsize="small")
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
