@@ -14,7 +14,7 @@ from .options import RegistryChoice, component_options, set_option
 
 # Flags that change what is trained; a resumed run keeps its own.
 FIXED_ON_RESUME = ("model_type", "attention", "mlp", "positional", "norm", "optimizer", "dataset", "data_files",
-                   "tokenizer", "d_model", "n_head", "n_ctx", "d_mlp", "batch_size", "grad_accum", "seed")
+                   "tokenizer", "prepared", "d_model", "n_head", "n_ctx", "d_mlp", "batch_size", "grad_accum", "seed")
 
 
 def default_run_folder(flags: dict) -> Path:
@@ -30,6 +30,10 @@ def default_run_folder(flags: dict) -> Path:
 @click.option("--dataset", type=RegistryChoice("dataset"), default=None, help="dataset (default synthetic)")
 @click.option("--data-files", "--data_files", "data_files", multiple=True, help="local data files or globs")
 @click.option("--tokenizer", help="a local tokenizer.json")
+@click.option("--data", "prepared", type=click.Path(file_okay=False),
+              help="a folder made by `qtoy data prepare`: train from its memory-mapped shards")
+@click.option("--shard-order", "--shard_order", "shard_order", type=click.Choice(["random", "sequential"]),
+              default=None, help="with --data: random windows (default) or the packed order")
 @click.option("--callback", "callbacks", type=RegistryChoice("callback"), multiple=True,
               help="training callbacks, e.g. --callback dynamics")
 @click.option("--d-model", "--d_model", "d_model", type=int)
