@@ -261,3 +261,15 @@ def test_cli_prepare_and_train(corpus, tmp_path):
                       "--eval-iters", "1", "--precision", "fp32", "--no-compile", "--out", tmp_path / "run", "--quiet")
     assert code == 0, text
     assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["prepared"] == str(out)
+
+
+def test_several_shard_files_read_as_one_stream(corpus, prepared, tmp_path):
+    manifest = prepare_shards(_dataset(corpus), tmp_path / "small", chunk_docs=8, shard_tokens=400)
+    assert len(manifest["splits"]["train"]["shards"]) > 3
+    for order in ("random", "sequential"):
+        one = iter(ShardBatches(prepared, split="train", n_ctx=16, batch_size=8, order=order, seed=5))
+        many = iter(ShardBatches(tmp_path / "small", split="train", n_ctx=16, batch_size=8, order=order, seed=5))
+        assert all(torch.equal(next(one).tokens, next(many).tokens) for _ in range(30))
+    one = list(ShardBatches(prepared, split="validation", n_ctx=16, batch_size=3))
+    many = list(ShardBatches(tmp_path / "small", split="validation", n_ctx=16, batch_size=3))
+    assert len(one) == len(many) and all(torch.equal(a.tokens, b.tokens) for a, b in zip(one, many))

@@ -393,6 +393,24 @@ class _Tokens:
             return self.single[starts[:, None] + np.arange(width)]
         return np.stack([self.slice(int(s), int(s) + width) for s in starts])
 
+    def aligned_into(self, out: np.ndarray, offset: int, idx: np.ndarray, n: int) -> None:
+        """out[i] = tokens[offset + idx[i] * n : ... + n + 1], converted to out's dtype.
+
+        With one shard, the stream from `offset` is viewed as rows of n tokens: a window is row k
+        plus the first token of row k + 1, so a batch is one row gather (a memcpy per row) and one
+        small gather, with no per-row Python work and no (batch, n + 1) index array.
+        """
+        if self.single is not None:
+            flat = np.asarray(self.single)
+            rows = (self.size - offset) // n
+            view = flat[offset:offset + rows * n].reshape(rows, n)
+            out[:, :n] = view[idx]
+            out[:, n] = flat[offset + (idx + 1) * n]
+            return
+        for j, k in enumerate(idx.tolist()):
+            s = offset + k * n
+            out[j] = self.slice(s, s + n + 1)
+
 
 class PreparedShards:
     """A complete prepared-shards folder (refuses an incomplete one, naming the command that finishes it)."""
@@ -575,8 +593,8 @@ class ShardBatches:
         self._epoch_rows = (epoch, rows, per_rank, offset, first)
         return rows, per_rank, offset, first
 
-    def _starts(self, count: int) -> np.ndarray:
-        """Start offsets of the next `count` windows (advancing epoch and pos)."""
+    def _segments(self, count: int) -> list[tuple[int, np.ndarray]]:
+        """The next `count` windows as (epoch offset, window indices) runs (two where an epoch ends)."""
         out = []
         while count:
             rows, per_rank, offset, first = self._rows()
@@ -585,26 +603,35 @@ class ShardBatches:
                 idx = np.arange(first + self.pos, first + self.pos + take, dtype=np.int64)
             else:
                 idx = rows[self.pos:self.pos + take]
-            out.append(offset + idx * self.n_ctx)
+            out.append((offset, idx))
             self.pos += take
             count -= take
             if self.pos >= per_rank:
                 self.epoch, self.pos = self.epoch + 1, 0
-        return out[0] if len(out) == 1 else np.concatenate(out)
+        return out
 
     def _to_batch(self, rows: np.ndarray, starts: np.ndarray, mask: np.ndarray | None = None) -> "Batch":
         import torch
 
         from .stream import Batch
 
-        if self._pin and torch.cuda.is_available():
-            tokens = torch.empty(rows.shape, dtype=torch.long, pin_memory=True)
-            tokens.copy_(torch.from_numpy(rows.astype(np.int32, copy=False)))
-        else:
-            tokens = torch.from_numpy(rows.astype(np.int64))
+        tokens = self._empty(rows.shape)
+        tokens.numpy()[:] = rows
+        return self._batch(tokens, starts, mask)
+
+    def _empty(self, shape: tuple[int, ...]) -> "torch.Tensor":
+        import torch
+
+        return torch.empty(shape, dtype=torch.long, pin_memory=self._pin and torch.cuda.is_available())
+
+    def _batch(self, tokens: "torch.Tensor", starts: np.ndarray, mask: np.ndarray | None) -> "Batch":
+        import torch
+
+        from .stream import Batch
+
         doc_ids = doc_pos = None
         if self.track_documents:
-            doc_ids, doc_pos = self._documents(starts, rows.shape[1], mask)
+            doc_ids, doc_pos = self._documents(starts, tokens.shape[1], mask)
         return Batch(tokens, None if mask is None else torch.from_numpy(mask), doc_ids, doc_pos)
 
     def _documents(self, starts: np.ndarray, width: int, mask: np.ndarray | None):
@@ -627,19 +654,19 @@ class ShardBatches:
         return self._train() if self.is_train else self._validation()
 
     def _train(self) -> Iterator["Batch"]:
-        width = self.n_ctx + 1
-        B, tokens = self.batch_size, self.tokens
+        n, B = self.n_ctx, self.batch_size
         while True:
-            starts = self._starts(B)
-            if self.order == "sequential" and np.all(np.diff(starts) == self.n_ctx):
-                # consecutive windows: one slice of the stream, viewed as overlapping rows (no gather)
-                flat = np.ascontiguousarray(tokens.slice(int(starts[0]), int(starts[-1]) + width))
-                rows = np.lib.stride_tricks.as_strided(flat, (B, width), (self.n_ctx * flat.itemsize, flat.itemsize))
-            else:
-                rows = tokens.windows(starts, width)
-            batch = self._to_batch(rows, starts)
+            tokens = self._empty((B, n + 1))  # filled in place: pinned already where it should be
+            out = tokens.numpy()
+            j, starts = 0, []
+            for offset, idx in self._segments(B):
+                self.tokens.aligned_into(out[j:j + len(idx)], offset, idx, n)
+                j += len(idx)
+                if self.track_documents:
+                    starts.append(offset + idx * n)
+            batch = self._batch(tokens, np.concatenate(starts) if starts else None, None)
             self.batches += 1
-            self.targets += B * self.n_ctx
+            self.targets += B * n
             yield batch
 
     def _validation(self) -> Iterator["Batch"]:
