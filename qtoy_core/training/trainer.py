@@ -85,6 +85,10 @@ class Trainer:
         self.run = RunFolder(out)
         self.resume = resume
         self.device = resolve_device(config.train.device)
+        if self.device.type == "cuda" and self.device.index is None and "LOCAL_RANK" in os.environ:
+            # under torchrun each process drives its own GPU (rank on this node = GPU index)
+            self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(self.device)
         self.precision = resolve_precision(config.train.precision, self.device)
         self.world = Distributed(self.device)
         self.callbacks = [build_component(c) for c in config.callbacks] + list(callbacks)
