@@ -54,13 +54,20 @@ def eval_command(run, dataset, data_files, tokenizer, eval_iters, batch_size, as
     elif run_tokenizer is not None and not dataset:
         ds["tokenizer"] = str(Path(run) / "tokenizer.json")
     data = DataConfig.model_validate({**data.model_dump(), "dataset": ds})
-    source = build_dataset(data.dataset)
-    check_vocab(model.config, source.tokenizer())
     train = doc.get("train", {})
-    stream = StreamingTextDataset(source, split="validation", n_ctx=model.config.n_ctx,
-                                  batch_size=batch_size or train.get("batch_size", 16), mode=data.mode,
-                                  seed=train.get("seed", 0), shuffle_buffer=data.shuffle_buffer,
-                                  tokenize_batch=data.tokenize_batch)
+    if data.prepared and not (dataset or data_files or tokenizer):  # trained on prepared shards: their val split
+        from qtoy_core.data.shards import ShardBatches
+
+        stream = ShardBatches(data.prepared, split="validation", n_ctx=model.config.n_ctx,
+                              batch_size=batch_size or train.get("batch_size", 16))
+        check_vocab(model.config, stream.shards.tokenizer())
+    else:
+        source = build_dataset(data.dataset)
+        check_vocab(model.config, source.tokenizer())
+        stream = StreamingTextDataset(source, split="validation", n_ctx=model.config.n_ctx,
+                                      batch_size=batch_size or train.get("batch_size", 16), mode=data.mode,
+                                      seed=train.get("seed", 0), shuffle_buffer=data.shuffle_buffer,
+                                      tokenize_batch=data.tokenize_batch)
     model.eval()
     total, count, n = 0.0, 0.0, 0
     with torch.no_grad():

@@ -261,6 +261,9 @@ def test_cli_prepare_and_train(corpus, tmp_path):
                       "--eval-iters", "1", "--precision", "fp32", "--no-compile", "--out", tmp_path / "run", "--quiet")
     assert code == 0, text
     assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["prepared"] == str(out)
+    code, text = qtoy("eval", tmp_path / "run", "--eval-iters", "2", "--json")  # on the shards' validation split
+    assert code == 0, text
+    assert json.loads(text[text.index("{"):])["batches"] == 2
 
 
 def test_several_shard_files_read_as_one_stream(corpus, prepared, tmp_path):
