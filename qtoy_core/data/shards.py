@@ -154,7 +154,7 @@ class _SplitWriter:
         starts = self.tokens + np.concatenate(([0], np.cumsum(lengths)[:-1]))
         # a new shard file when this chunk would overflow the current one (shards end at documents)
         if self.shards[-1] and self.shards[-1] + len(tokens) > self.shard_tokens:
-            self._close(self._path(len(self.shards) - 1).name)
+            self._close_shard()
             self.shards.append(0)
         self._file("tokens", self._path(len(self.shards) - 1)).write(tokens.tobytes())
         self.shards[-1] += len(tokens)
@@ -162,7 +162,7 @@ class _SplitWriter:
         self._file("keys", self.folder / "doc_keys.bin").write(keys.tobytes())
         self.documents += len(keys)
 
-    def _close(self, _name: str) -> None:
+    def _close_shard(self) -> None:
         f = self._files.pop("tokens", None)
         if f is not None:
             f.flush()
@@ -611,10 +611,6 @@ class ShardBatches:
         return out
 
     def _to_batch(self, rows: np.ndarray, starts: np.ndarray, mask: np.ndarray | None = None) -> "Batch":
-        import torch
-
-        from .stream import Batch
-
         tokens = self._empty(rows.shape)
         tokens.numpy()[:] = rows
         return self._batch(tokens, starts, mask)
