@@ -17,9 +17,13 @@ Runs of all variants alternate (background load hits them alike); the median of 
 reported, with ratios and the model FLOP utilisation (MFU) against the fp32 and bf16 matmul peaks
 this script measures first. ``default`` is what ``qtoy train`` does by itself for a default-length run
 (600 steps): precision auto (bf16 on CPUs with AVX512-BF16 or AMX) and torch.compile when `should_compile` says it pays.
+Where bf16 matmuls are only emulated (AVX2-only CPUs: ~1 GFLOP/s against ~100 for fp32) the bf16
+variants are skipped (``--bf16 on`` forces them) and the compiled variants run in fp32, the
+precision ``auto`` picks there.
 
     python benchmarks/train_throughput.py             # full (~10 min on 2 cores, compiles included)
     python benchmarks/train_throughput.py --quick     # < 1 minute: 2 model types, eager only
+    python benchmarks/train_throughput.py --bf16 on   # bf16 variants even where bf16 is emulated (slow)
     python benchmarks/train_throughput.py --json      # one JSON object on stdout (ratios included)
     python benchmarks/train_throughput.py --malloc system  # glibc's malloc defaults, as a plain script
 
@@ -97,11 +101,24 @@ def matmul_peak(dtype: torch.dtype, sizes: tuple[int, ...], seconds: float) -> f
     return best
 
 
-def measure_peaks(quick: bool) -> dict:
+def measure_peaks(quick: bool, bf16_emulated: bool = False) -> dict:
+    """fp32 and bf16 matmul peaks. Where bf16 is emulated (~1 GFLOP/s) one (2048, 2048) product would
+    take ~17 s, so its peak is taken at n = 256 only (enough to show the gap; marked in the output)."""
     sizes = (1024, 2048) if quick else (1024, 2048, 4096)
     seconds = 0.5 if quick else 1.5
     return {"fp32": round(matmul_peak(torch.float32, sizes, seconds), 1),
-            "bf16": round(matmul_peak(torch.bfloat16, sizes, seconds), 1)}
+            "bf16": round(matmul_peak(torch.bfloat16, (256,) if bf16_emulated else sizes,
+                                      0.3 if bf16_emulated else seconds), 1)}
+
+
+def bf16_is_emulated() -> bool:
+    """True on a CPU without AVX512-BF16 or AMX (bf16 matmuls then run tens of times slower than fp32);
+    never on CUDA (a card without bf16 is caught by torch.cuda.is_bf16_supported)."""
+    if DEVICE.type == "cuda":
+        return not torch.cuda.is_bf16_supported()
+    from qtoy_core.training.precision import cpu_supports_fast_bf16
+
+    return not cpu_supports_fast_bf16()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,7 +382,8 @@ def bench_model(model_type, shape_name, variants, *, repeats, steps, warmup, pea
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="< 1 minute: attention_only_1L and transformer_2L, eager only")
+    p.add_argument("--quick", action="store_true",
+                   help="< 1 minute: attention_only_1L and transformer_2L, qtoy and ref, eager only")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout (nothing else)")
     p.add_argument("--models", default=None, help="comma-separated model types")
     p.add_argument("--shapes", default=None, help="comma-separated: base, large (large: transformer_2L only)")
@@ -377,6 +395,11 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=None, help="steps per timed repeat")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="run every variant (and the matmul peak) on this device")
+    p.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
+                   help="bf16 variants: auto (default) measures them only where bf16 matmuls are native "
+                        "(AVX512-BF16/AMX CPUs, bf16 GPUs): emulated, one --quick run would take > 15 min")
+    p.add_argument("--shape", default=None, metavar="KEY=VALUE,...",
+                   help="override the shape(s) measured, e.g. d_model=512,n_head=8,n_ctx=512,batch=64")
     machine.add_malloc_option(p)
     args = p.parse_args(argv)
     malloc_kept = machine.apply_malloc(args.malloc)
@@ -386,20 +409,32 @@ def main(argv=None) -> None:
         raise SystemExit("--device cuda: torch sees no CUDA device here (torch.cuda.is_available() is False)")
 
     torch._dynamo.config.cache_size_limit = 64  # many models compiled in one process
+    emulated = bf16_is_emulated()
+    with_bf16 = args.bf16 == "on" or (args.bf16 == "auto" and not emulated)
+    if args.shape:
+        for name in SHAPES:
+            SHAPES[name] = {**SHAPES[name], **{k: int(v) for k, v in (kv.split("=") for kv in args.shape.split(","))}}
     quick = args.quick
     models = args.models.split(",") if args.models else (["attention_only_1L", "transformer_2L"] if quick else list(MODEL_TYPES))
     shapes = args.shapes.split(",") if args.shapes else (["base"] if quick else ["base", "large"])
     compile_ok = not (args.no_compile or quick)
     repeats = args.repeats or (3 if quick else 5)
-    steps = args.steps or (2 if quick else 3)
+    steps = args.steps or (1 if quick else 3)
+    if quick and not args.impls:  # qtoy against the reference: the ratio that matters, in < 1 min on AVX2
+        args.impls = "qtoy,ref"
     warmup = 1 if quick else 2
 
     meta = {"machine": machine.describe(), "device": str(DEVICE), "malloc": args.malloc, "malloc_kept_block_bytes": malloc_kept,
             "gpu": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else None, "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
             "loadavg_start": [round(x, 2) for x in os.getloadavg()], "quick": quick, "repeats": repeats,
-            "steps_per_repeat": steps}
+            "steps_per_repeat": steps, "bf16_emulated": emulated, "bf16_variants": with_bf16,
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    if not with_bf16:
+        log(f"bf16 variants skipped: bf16 matmuls are emulated on this "
+            f"{'GPU' if DEVICE.type == 'cuda' else 'CPU'} ({meta['torch_cpu_capability']}, no AVX512-BF16 or AMX); "
+            f"--bf16 on measures them anyway (tens of times slower than fp32)")
     log("measuring matmul peaks ...")
-    peaks = measure_peaks(quick)
+    peaks = measure_peaks(quick, bf16_emulated=emulated)
     meta["peak_gflops_start"] = dict(peaks)
 
     results = []
@@ -407,14 +442,18 @@ def main(argv=None) -> None:
         for model_type in models:
             if shape_name == "large" and model_type != "transformer_2L":
                 continue
-            variants = [("qtoy", "fp32", False), ("ref", "fp32", False), ("sdpa", "fp32", False),
-                        ("qtoy", "bf16", False), ("ref", "bf16", False), ("sdpa", "bf16", False)]
+            # the compiled (and softmax) variants use the precision the default path uses: bf16 where
+            # it is native, else fp32
+            fast = "bf16" if with_bf16 else "fp32"
+            variants = [("qtoy", "fp32", False), ("ref", "fp32", False), ("sdpa", "fp32", False)]
+            if with_bf16:
+                variants += [("qtoy", "bf16", False), ("ref", "bf16", False), ("sdpa", "bf16", False)]
             if not quick:
-                variants.append(("qtoy_softmax", "bf16", False))
+                variants.append(("qtoy_softmax", fast, False))
             if compile_ok:
-                variants += [("qtoy", "bf16", True), ("ref", "bf16", True), ("sdpa", "bf16", True)]
+                variants += [("qtoy", fast, True), ("ref", fast, True), ("sdpa", fast, True)]
                 if not quick and shape_name == "base":
-                    variants.append(("qtoy_softmax", "bf16", True))
+                    variants.append(("qtoy_softmax", fast, True))
             if args.impls:
                 variants = [v for v in variants if v[0] in args.impls.split(",")]
             if args.compile_models and model_type not in args.compile_models.split(","):
@@ -423,7 +462,7 @@ def main(argv=None) -> None:
             results.append(bench_model(model_type, shape_name, variants, repeats=repeats, steps=steps,
                                        warmup=warmup, peaks=peaks))
     # the peak again at the end (the best of both counts; MFU rows were computed with the first)
-    end_peaks = measure_peaks(quick)
+    end_peaks = measure_peaks(quick, bf16_emulated=emulated)
     meta["peak_gflops_end"] = end_peaks
     for k in peaks:
         peaks[k] = max(peaks[k], end_peaks[k])
@@ -444,7 +483,12 @@ def main(argv=None) -> None:
     print(f"machine: {machine.one_line(meta['machine'])}" + (f"; device: {meta['gpu']}" if meta["gpu"] else "")
           + f"; malloc: {meta['malloc']}" + (f" (freed blocks up to {meta['malloc_kept_block_bytes'] >> 20} MiB kept for reuse)"
              if meta["malloc_kept_block_bytes"] else ""))
-    print(f"matmul peak (best of start and end): fp32 {peaks['fp32']} GFLOP/s, bf16 {peaks['bf16']} GFLOP/s")
+    print(f"matmul peak (best of start and end): fp32 {peaks['fp32']} GFLOP/s, bf16 {peaks['bf16']} GFLOP/s"
+          + (" (bf16 emulated: measured at n=256 only; MFU bf16 is against that)" if emulated else ""))
+    if not with_bf16:
+        print(f"bf16 variants skipped: bf16 matmuls are emulated here ({meta['torch_cpu_capability']}, no "
+              f"AVX512-BF16 or AMX), {peaks['fp32'] / max(peaks['bf16'], 1e-9):.0f}x slower than fp32; --bf16 on "
+              f"measures them anyway")
     for r in results:
         print(f"\n{r['model_type']} [{r['shape']}: vocab {r['vocab_size']}, d_model {r['d_model']}, "
               f"{r['n_head']} heads, n_ctx {r['n_ctx']}, batch {r['batch']}]"

@@ -1,4 +1,5 @@
-"""`qtoy data preview`: look at a dataset through its tokenizer before training on it."""
+"""`qtoy data preview`: look at a dataset through its tokenizer before training on it;
+`qtoy data prepare`: tokenize it once into memory-mapped shards (`qtoy train --data DIR`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from .options import RegistryChoice
 
 @click.group("data")
 def data_group() -> None:
-    """Datasets: preview documents, token boundaries and statistics."""
+    """Datasets: preview documents, token boundaries and statistics; prepare token shards."""
 
 
 @data_group.command("preview")
@@ -57,6 +58,68 @@ def preview_command(files, dataset, data_files, tokenizer, n, split, stats_docs,
         click.echo(json.dumps({"dataset": ds.name, "samples": samples, "stats": stats}, indent=2))
         return
     _render(ds, samples, stats, max_chars)
+
+
+@data_group.command("prepare")
+@click.option("--dataset", type=RegistryChoice("dataset"), default="synthetic", show_default=True,
+              help="the dataset to tokenize")
+@click.option("--data-files", "--data_files", "data_files", multiple=True,
+              help="local files, globs or a hub-like folder in the dataset's format (repeatable)")
+@click.option("--tokenizer", help="a local tokenizer.json instead of the dataset's own")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="the shards folder to write")
+@click.option("--num-proc", "--num_proc", "num_proc", type=int, default=None,
+              help="tokenizing processes (default: the CPU count)")
+@click.option("--max-documents", "max_documents", type=int, default=None,
+              help="read only the source's first N documents (needed for an endless source)")
+@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
+              help="a dataset option, e.g. --set n_stories=20000 --set val_fraction=0.02")
+@click.option("--json", "as_json", is_flag=True, help="print the manifest as JSON")
+def prepare_command(dataset, data_files, tokenizer, out, num_proc, max_documents, assignments, as_json) -> None:
+    """Tokenize a dataset once into flat token shards (memory-mapped by `qtoy train --data OUT`).
+
+    The documents and splits are those the streaming path reads. Interrupted, the same command
+    resumes; until it has finished, OUT is refused by `qtoy train`. Examples:
+    `qtoy data prepare --set n_stories=20000 --out shards/synthetic`,
+    `qtoy data prepare --dataset simplestories --data-files ss/ --tokenizer ss.json --out shards/ss`.
+    """
+    import os
+    import sys
+
+    from qtoy_core.data import build_dataset
+    from qtoy_core.data.shards import prepare_shards
+    from qtoy_core.overrides import apply_overrides
+
+    options: dict = {"name": dataset}
+    if data_files:
+        options["data_files"] = list(data_files)
+    if tokenizer:
+        options["tokenizer"] = tokenizer
+    options = apply_overrides(options, assignments)
+    ds = build_dataset(options)
+    ds.tokenizer()  # the tokenizer first: a missing one fails before any data is read
+
+    def report(p: dict) -> None:
+        if not as_json:
+            click.echo(f"  {p['source_pos']:,} documents, {p['tokens']:,} tokens, {p['seconds']:.0f} s "
+                       f"(committed)", err=True)
+
+    if max_documents is not None and max_documents < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--max-documents")
+    procs = num_proc or max(1, min(os.cpu_count() or 1, 8))
+    manifest = prepare_shards(ds, out, num_proc=procs, max_documents=max_documents,
+                              progress=report if sys.stderr.isatty() else None)
+    if as_json:
+        click.echo(json.dumps(manifest, indent=2))
+        return
+    prep = manifest["prepared"]
+    click.echo(f"{out}: {manifest['dataset']}, {manifest['source_records']:,} source documents, tokens {manifest['dtype']}")
+    for split, info in manifest["splits"].items():
+        click.echo(f"  {split:<10} {info['documents']:>10,} documents {info['tokens']:>14,} tokens "
+                   f"({len(info['shards'])} shard{'s' if len(info['shards']) > 1 else ''})")
+    rate = prep.get("tokens_per_s")
+    click.echo(f"  {prep['seconds']:.1f} s with {prep['num_proc']} process(es)"
+               + (f", {rate:,} tokens/s ({rate // prep['num_proc']:,} per process)" if rate else ""))
+    click.echo(f"train on it: qtoy train --data {out}")
 
 
 def _render(ds, samples, stats, max_chars: int) -> None:

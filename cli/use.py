@@ -34,12 +34,20 @@ def eval_command(run, dataset, data_files, tokenizer, eval_iters, batch_size, as
     elif run_tokenizer is not None and not dataset:
         ds["tokenizer"] = str(run_tokenizer_path(run))
     data = DataConfig.model_validate({**data.model_dump(), "dataset": ds})
-    source = build_dataset(data.dataset)
-    check_vocab(model.config, source.tokenizer())
     train = doc.get("train", {})
-    stream = StreamingTextDataset.from_config(data, split="validation", n_ctx=model.config.n_ctx,
-                                              batch_size=batch_size or train.get("batch_size", 16),
-                                              seed=train.get("seed", 0), dataset=source)
+    if data.prepared and not (dataset or data_files or tokenizer):  # trained on prepared shards: their val split
+        from qtoy_core.data.shards import ShardBatches
+
+        source = None
+        stream = ShardBatches(data.prepared, split="validation", n_ctx=model.config.n_ctx,
+                              batch_size=batch_size or train.get("batch_size", 16))
+        check_vocab(model.config, stream.shards.tokenizer())
+    else:
+        source = build_dataset(data.dataset)
+        check_vocab(model.config, source.tokenizer())
+        stream = StreamingTextDataset.from_config(data, split="validation", n_ctx=model.config.n_ctx,
+                                                  batch_size=batch_size or train.get("batch_size", 16),
+                                                  seed=train.get("seed", 0), dataset=source)
     scored = evaluate(model, stream, eval_iters)
     if scored.batches == 0:
         raise click.ClickException("the validation stream produced no batch: the data is too small.")

@@ -10,6 +10,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_runtest_setup(item):
+    """Tests marked `cuda` run where torch sees a CUDA device and skip cleanly elsewhere."""
+    if item.get_closest_marker("cuda") is not None:
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA GPU (torch.cuda.is_available() is False)")
+
+
 @pytest.fixture(autouse=True)
 def _fresh_registry(monkeypatch, tmp_path_factory):
     """Every test starts with the plugins as installed and the environment's plugin switches unset,

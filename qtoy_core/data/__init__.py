@@ -8,7 +8,8 @@
     for batch in train: ...   # batch.tokens (B, n_ctx + 1); batch.attention_mask None when packed
 
 Importing this package loads neither torch nor datasets nor tokenizers; they load on first use
-(`StreamingTextDataset` and `Batch` come from `.stream`, which imports torch, when first named).
+(`StreamingTextDataset` and `Batch` come from `.stream`, which imports torch, when first named;
+`prepare_shards`, `PreparedShards` and `ShardBatches` from `.shards`, prepared token shards).
 """
 
 import importlib
@@ -37,7 +38,8 @@ from .errors import (
 )
 from .tokenizer import END_OF_TEXT, MappedTokenizer, Tokenizer, cached_tokenizer, train_bpe
 
-_LAZY = {"Batch": ".stream", "StreamingTextDataset": ".stream"}
+_LAZY = {"Batch": ".stream", "StreamingTextDataset": ".stream", "PreparedShards": ".shards",
+         "ShardBatches": ".shards", "prepare_shards": ".shards", "IncompleteShardsError": ".shards"}
 
 
 def __getattr__(name: str) -> Any:
@@ -49,11 +51,13 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
+    from .shards import IncompleteShardsError, PreparedShards, ShardBatches, prepare_shards
     from .stream import Batch, StreamingTextDataset
 
 __all__ = [
     "END_OF_TEXT", "SPLITS", "Batch", "DataConfig", "DataError", "DataFileError", "DocumentSource", "EmptySplitError",
-    "HubDatasetConfig", "HubTextDataset", "HubUnreachableError", "MappedTokenizer", "ResumeError",
-    "StreamingTextDataset", "TextDataset", "TextDatasetConfig", "Tokenizer", "TokenizerError", "VocabMismatchError",
-    "build_dataset", "cache_dir", "cached_tokenizer", "check_vocab", "split_of", "split_value", "train_bpe",
+    "HubDatasetConfig", "HubTextDataset", "HubUnreachableError", "IncompleteShardsError", "MappedTokenizer",
+    "PreparedShards", "ResumeError", "ShardBatches", "StreamingTextDataset", "TextDataset", "TextDatasetConfig", "Tokenizer", "TokenizerError", "VocabMismatchError",
+    "build_dataset", "cache_dir", "cached_tokenizer", "check_vocab", "prepare_shards", "split_of", "split_value",
+    "train_bpe",
 ]

@@ -70,6 +70,12 @@ class DataConfig(BaseModel):
     mode: Literal["packed", "padded"] = "packed"
     shuffle_buffer: int = Field(1024, ge=1, description="documents held for shuffling (train split)")
     tokenize_batch: int = Field(256, ge=1, description="documents per encode_batch call")
+    # A folder made by `qtoy data prepare`: train and validate from its memory-mapped shards instead
+    # of tokenizing `dataset` on the fly (its manifest names the dataset; packed mode only).
+    prepared: str | None = None
+    # How the train split of prepared shards is read: random (windows in a fresh permutation every
+    # epoch) or sequential (the packed token stream in order).
+    shard_order: Literal["random", "sequential"] = "random"
 
     @field_validator("dataset", mode="before")
     @classmethod

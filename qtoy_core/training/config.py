@@ -145,6 +145,8 @@ FLAT_KEYS = {
     **{k: ("train", k) for k in TrainConfig.model_fields},
     "dataset": ("data", "dataset"),
     "mode": ("data", "mode"),
+    "prepared": ("data", "prepared"),
+    "shard_order": ("data", "shard_order"),
     "optimizer": ("optimizer",),
 }
 

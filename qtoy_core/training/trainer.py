@@ -103,6 +103,10 @@ class Trainer:
         self.run = RunFolder(out)
         self.resume = resume
         self.device = resolve_device(config.train.device)
+        if self.device.type == "cuda" and self.device.index is None and "LOCAL_RANK" in os.environ:
+            # under torchrun each process drives its own GPU (rank on this node = GPU index)
+            self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(self.device)
         self.precision = resolve_precision(config.train.precision, self.device)
         self.world = Distributed(self.device)
         self.callbacks = [build_component(c) for c in config.callbacks] + list(callbacks)
@@ -126,7 +130,10 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         random.seed(cfg.train.seed)
         self.tokenizer = None
-        if self._given_train is None:
+        if self._given_train is None and cfg.data.prepared:
+            self._setup_prepared()
+            cfg = self.config
+        elif self._given_train is None:
             from ..data import StreamingTextDataset, build_dataset, check_vocab
 
             self.dataset = build_dataset(cfg.data.dataset)
@@ -170,6 +177,34 @@ class Trainer:
         if self.tokenizer is not None and self.world.is_main:
             self.tokenizer.save(self.run.path / TOKENIZER_NAME)  # atomic (run_files.write_atomic)
         self._train_iter = self._batches(self.train_stream)
+
+    def _setup_prepared(self) -> None:
+        """Train and validation batches from a `qtoy data prepare` folder (memmap), its tokenizer checked."""
+        from ..data import check_vocab
+        from ..data.shards import PreparedShards, ShardBatches, check_shards_match
+
+        cfg = self.config
+        shards = PreparedShards(cfg.data.prepared)
+        check_shards_match(shards, cfg.data)
+        if "dataset" not in cfg.data.model_fields_set:  # the run's config.json names the data it trained on
+            from ..components import parse_component
+
+            try:
+                data = cfg.data.model_copy(update={"dataset": parse_component("dataset", shards.dataset_config)})
+                cfg = self.config = cfg.model_copy(update={"data": data})
+            except Exception:  # the dataset's plugin is not installed here: the shards still train
+                pass
+        self.dataset = None
+        self.tokenizer = shards.tokenizer()
+        if "vocab_size" not in cfg.model.model_fields_set:  # not chosen: the tokenizer decides
+            model = cfg.model.model_dump()
+            model["vocab_size"] = self.tokenizer.vocab_size
+            cfg = self.config = cfg.model_copy(update={"model": type(cfg.model).model_validate(model)})
+        check_vocab(cfg.model, self.tokenizer)
+        common = dict(n_ctx=cfg.model.n_ctx, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+                      rank=self.world.rank, world_size=self.world.world_size, pin_memory=self.device.type == "cuda")
+        self.train_stream = ShardBatches(shards, split="train", order=cfg.data.shard_order, **common)
+        self.val_stream = ShardBatches(shards, split="validation", **common)
 
     def _check_validation_split(self) -> None:
         """Fail before the first step, not at the first evaluation, when the validation split is empty."""
