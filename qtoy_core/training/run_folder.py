@@ -248,29 +248,45 @@ class RunFolder:
 
     # -- metrics ---------------------------------------------------------------------------------
     def append_metrics(self, records: list[dict[str, Any]]) -> None:
-        try:
-            with open(self.metrics_path, "a", encoding="utf-8") as f:
-                f.write("".join(json.dumps(r) + "\n" for r in records))
-                f.flush()
-        except OSError as exc:
-            raise RunFolderError(f"Writing {self.metrics_path} failed ({_why(exc)}); the last checkpoint in "
-                                 f"{self.path} is intact. Free disk space or fix permissions, then resume with "
-                                 f"--resume {self.path}.") from None
+        self.append_log(METRICS_NAME, records)
 
     def truncate_metrics(self, after_step: int) -> None:
         """Keep the records of steps <= after_step (a resumed run rewrites what came after), dropping a
         line cut short by a kill."""
-        if not self.metrics_path.exists():
+        self.truncate_log(METRICS_NAME, after_step)
+
+    # -- the logs of plugins and features (samples.jsonl, dynamics.jsonl, ...) ---------------------
+    def plugin_logs(self) -> list[str]:
+        """The .jsonl logs in the run folder besides metrics.jsonl."""
+        return sorted(p.name for p in self.path.glob("*.jsonl") if p.name != METRICS_NAME)
+
+    def append_log(self, name: str, records: list[dict[str, Any]]) -> None:
+        """Append JSON records to the log `name` (metrics.jsonl, samples.jsonl, ...) in one write."""
+        path = self.path / name
+        try:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write("".join(json.dumps(r) + "\n" for r in records))
+                f.flush()
+        except OSError as exc:
+            raise RunFolderError(f"Writing {path} failed ({_why(exc)}); the last checkpoint in {self.path} is "
+                                 f"intact. Free disk space or fix permissions, then resume with --resume "
+                                 f"{self.path}.") from None
+
+    def truncate_log(self, name: str, after_step: int) -> None:
+        """Keep the records of steps <= after_step of the log `name` (records without a step stay),
+        dropping a line cut short by a kill."""
+        path = self.path / name
+        if not path.exists():
             return
         kept = []
-        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+        for line in path.read_text(encoding="utf-8").splitlines():
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if record.get("step", 0) <= after_step:
+            if isinstance(record, dict) and record.get("step", 0) <= after_step:
                 kept.append(line)
-        atomic_write_text(self.metrics_path, "".join(k + "\n" for k in kept))
+        atomic_write_text(path, "".join(k + "\n" for k in kept))
 
 
 def _why(exc: OSError) -> str:
