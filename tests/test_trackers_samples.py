@@ -161,8 +161,9 @@ def test_wandb_offline_run_holds_metrics_config_summary_and_resumes_the_same_run
     tables = sorted(files[1].parent.glob("files/media/table/samples_*.table.json"))
     written = {tuple(row) for t in tables for row in json.loads(t.read_text())["data"]}
     assert {(s["step"], s["prompt"], s["text"]) for s in read_samples(run) if s["step"] == 12} <= written
-    config = wandb_records.of_type(files[0], "config")
-    assert any(item.key == "model" and json.loads(item.value_json)["d_model"] == 32 for c in config for item in c.update)
+    config = {item.key: json.loads(item.value_json) for r in wandb_records.of_type(files[0], "run")
+              for item in r.config.update}
+    assert config["model"]["d_model"] == 32 and config["train"]["max_iters"] == 12  # the run document
     summary = [item.key for s in wandb_records.of_type(files[1], "summary") for item in s.update]
     assert "val_loss" in summary and "tokens_per_s" in summary
 
