@@ -25,6 +25,7 @@ SUBCOMMANDS = {
     "visualize": ("qtoy_cli.analysis", "visualize_command"),
     "analyze": ("qtoy_cli.analysis", "analyze_command"),
     "new-plugin": ("qtoy_cli.new_plugin", "new_plugin_command"),
+    "push": ("qtoy_cli.push", "push_command"),
 }
 
 

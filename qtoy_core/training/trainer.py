@@ -249,6 +249,10 @@ class Trainer:
             "tokens_per_s": (self.tokens - start_tokens) / elapsed if elapsed > 0 else None,
             "precision": self.precision.name, "compiled": self.compiled, "skipped_steps": self.skipped_total,
         }
+        if self.world.is_main:
+            from ..model_card import write_run_card
+
+            write_run_card(self.run.path)  # README.md: the run's model card (hub format)
         for cb in self.callbacks:
             cb.on_train_end(self, summary)
         if self.world.enabled:
