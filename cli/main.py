@@ -31,6 +31,7 @@ SUBCOMMANDS = {
     "checkpoints": ("qtoy_cli.dynamics", "checkpoints_command"),
     "similarity": ("qtoy_cli.dynamics", "similarity_command"),
     "dynamics": ("qtoy_cli.dynamics", "dynamics_command"),
+    "push": ("qtoy_cli.push", "push_command"),
 }
 
 

@@ -42,6 +42,13 @@ class RichProgress(Callback):
     def on_eval_end(self, trainer, m: dict) -> None:
         self.progress.update(self.task, val=_fmt(m["val_loss"]))
 
+    def on_samples(self, trainer, samples: list[dict]) -> None:
+        from rich.markup import escape
+
+        for s in samples:
+            self.progress.console.print(f"[dim]sample step {s['step']}:[/dim] [bold]{escape(s['prompt'])}[/bold]"
+                                        f"{escape(s['text'])}")
+
     def on_train_end(self, trainer, summary: dict) -> None:
         self.progress.stop()
 
@@ -68,6 +75,10 @@ class PlainLog(Callback):
 
     def on_eval_end(self, trainer, m: dict) -> None:
         self._print(f"eval step {m['step']:>6}  val_loss {_fmt(m['val_loss'])}  ppl {_fmt(m['val_ppl'], '.2f')}")
+
+    def on_samples(self, trainer, samples: list[dict]) -> None:
+        for s in samples:
+            self._print(f"sample step {s['step']:>6}  {s['prompt']!r} -> {s['text']!r}")
 
 
 def print_summary(summary: dict, console=None) -> None:

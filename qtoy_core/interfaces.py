@@ -115,6 +115,14 @@ class Callback:
     def on_step_end(self, trainer: Any, metrics: dict) -> None: ...
     def on_eval_end(self, trainer: Any, metrics: dict) -> None: ...
     def on_checkpoint(self, trainer: Any, path: Any) -> None: ...
+    def on_samples(self, trainer: Any, samples: list[dict]) -> None:
+        """After an evaluation: the generations from the run's fixed prompts (also in samples.jsonl),
+        each {"step", "tokens", "prompt", "text"}."""
+
+    def on_log(self, trainer: Any, record: dict, source: str) -> None:
+        """A record written to one of the run folder's logs through `Trainer.log_record` (source: the
+        file's name, e.g. "dynamics.jsonl"): how a callback's own metrics reach experiment trackers."""
+
     def on_train_end(self, trainer: Any, summary: dict) -> None: ...
 
     @staticmethod

@@ -204,11 +204,28 @@ class ToyTransformer(nn.Module, _model_hub_mixin()):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    # -- Hugging Face hub format (config.json + model.safetensors) ---------------------------------
+    # -- Hugging Face hub format (config.json + model.safetensors + README.md) ---------------------
+    def save_pretrained(self, save_directory, *, tokenizer: Any = None, **kwargs: Any):
+        """Write config.json, model.safetensors and a README.md model card (hub format) to
+        `save_directory`; with `tokenizer` (a qtoy Tokenizer), also tokenizer.json beside the weights."""
+        result = super().save_pretrained(save_directory, **kwargs)
+        if tokenizer is not None:
+            from .checkpoint import atomic_write
+
+            atomic_write(os.path.join(save_directory, "tokenizer.json"), lambda tmp: tokenizer.save(str(tmp)))
+        return result
+
     def _save_pretrained(self, save_directory) -> None:
         from .checkpoint import save_model_files
 
         save_model_files(self, save_directory)
+
+    def generate_model_card(self, *args: Any, **kwargs: Any):
+        """The README.md that `save_pretrained` writes (see `qtoy_core.model_card`)."""
+        from .checkpoint import model_document
+        from .model_card import model_card
+
+        return model_card(model_document(self.config))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *, step: int | None = None,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from qtoy_core import Callback, mlp_interaction, model_weights, ov_matrix, qk_matrix, spectrum
+from qtoy_core import Callback, mlp_interaction, model_weights, ov_matrix, qk_matrix, read_jsonl, spectrum
 
 FILE_NAME = "dynamics.jsonl"
 
@@ -64,26 +64,14 @@ class Dynamics(Callback):
                   "weight_norm": _layer_norms(trainer.model, grads=False), "grad_norm": self._grads or {},
                   **circuit_spectra(trainer.model, self.top_k)}
         self._grads = None
-        with open(trainer.run.path / FILE_NAME, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def on_train_start(self, trainer) -> None:
-        # A resumed run rewrites what came after its checkpoint, like metrics.jsonl.
-        path = trainer.run.path / FILE_NAME
-        if path.exists():
-            kept = []
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    if json.loads(line)["step"] <= trainer.step:
-                        kept.append(line + "\n")
-                except (json.JSONDecodeError, KeyError):
-                    continue
-            path.write_text("".join(kept), encoding="utf-8")
+        # through the trainer: written to dynamics.jsonl and passed on to the experiment trackers; a
+        # resumed run truncates the file after its checkpoint, as it does metrics.jsonl
+        trainer.log_record(FILE_NAME, record)
 
     @staticmethod
     def plot_panels(run: Path) -> list:
         """`Callback.plot_panels`: the top singular values per circuit and the weight norms over steps."""
-        records = _read_jsonl(Path(run) / FILE_NAME)
+        records = read_jsonl(Path(run) / FILE_NAME)
         if not records:
             return []
         x = [d["step"] for d in records]
@@ -102,17 +90,6 @@ class Dynamics(Callback):
             ax.legend(fontsize="x-small")
 
         return [spectra, norms]
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    out = []
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return out
 
 
 def _layer_norms(model, *, grads: bool) -> dict[str, float]:

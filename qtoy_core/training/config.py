@@ -43,6 +43,10 @@ class TrainConfig(BaseModel):
     eval_interval: int = Field(100, gt=0)
     eval_iters: int = Field(10, gt=0, description="validation batches per evaluation")
     log_interval: int = Field(10, gt=0)
+    sample_prompts: list[str] | None = Field(
+        None, description="prompts continued at every evaluation (samples.jsonl); default: the dataset's own; [] for none")
+    sample_tokens: int = Field(24, ge=1, le=4096, description="tokens generated per sample")
+    sample_temperature: float = Field(0.0, ge=0, description="0: greedy, so a resumed run prints the same samples")
     checkpoint_interval: int | None = Field(None, gt=0, description="default: every evaluation")
     checkpoint_schedule: Literal["interval", "log"] = Field(
         "interval", description="log: also keep weights-only snapshots at steps 1, 2, 4, ... and then every "

@@ -302,17 +302,31 @@ class RunFolder:
 
     # -- metrics ---------------------------------------------------------------------------------
     def append_metrics(self, records: list[dict[str, Any]]) -> None:
-        try:
-            append_jsonl(self.metrics_path, *records)
-        except OSError as exc:
-            raise RunFolderError(f"Writing {self.metrics_path} failed ({_why(exc)}); the last checkpoint in "
-                                 f"{self.path} is intact. Free disk space or fix permissions, then resume with "
-                                 f"--resume {self.path}.") from None
+        self.append_log(METRICS_NAME, records)
 
     def truncate_metrics(self, after_step: int) -> None:
         """Keep the records of steps <= after_step (a resumed run rewrites what came after), dropping a
         line cut short by a kill."""
-        truncate_jsonl(self.metrics_path, after_step)
+        self.truncate_log(METRICS_NAME, after_step)
+
+    # -- the logs of plugins and features (samples.jsonl, dynamics.jsonl, ...) ---------------------
+    def plugin_logs(self) -> list[str]:
+        """The .jsonl logs in the run folder besides metrics.jsonl."""
+        return sorted(p.name for p in self.path.glob("*.jsonl") if p.name != METRICS_NAME)
+
+    def append_log(self, name: str, records: list[dict[str, Any]]) -> None:
+        """Append JSON records to the log `name` (metrics.jsonl, samples.jsonl, ...) in one write."""
+        path = self.path / name
+        try:
+            append_jsonl(path, *records)
+        except OSError as exc:
+            raise RunFolderError(f"Writing {path} failed ({_why(exc)}); the last checkpoint in {self.path} is "
+                                 f"intact. Free disk space or fix permissions, then resume with --resume "
+                                 f"{self.path}.") from None
+
+    def truncate_log(self, name: str, after_step: int) -> None:
+        """Keep the records of steps <= after_step of the log `name`, dropping a line cut short by a kill."""
+        truncate_jsonl(self.path / name, after_step)
 
 
 def _why(exc: OSError) -> str:

@@ -25,6 +25,7 @@ from ..run_files import TOKENIZER_NAME
 from .config import RunConfig
 from .precision import resolve_device, resolve_precision
 from .run_folder import MIN_FREE_BYTES, RunFolder, run_document
+from .samples import SAMPLES_NAME, continue_prompts, default_prompts
 
 # torch.compile costs ~15-20 s on 2 CPU cores and roughly halves the step time; it is switched on
 # by default only when the eager run would take longer than this (see `should_compile`).
@@ -92,13 +93,14 @@ class Trainer:
     """Train `config` into the run folder `out`. `resume=True` continues the run saved there.
 
     `train_batches` / `val_batches` replace the configured dataset with given iterables of token
-    tensors (batch, n_ctx + 1) or (tokens, attention_mask) pairs (tests, custom data). `callbacks` are extra callback
-    objects (e.g. a progress display) besides the configured ones.
+    tensors (batch, n_ctx + 1) or (tokens, attention_mask) pairs (tests, custom data); `tokenizer` is theirs
+    (saved in the run folder, and used for the samples of `train.sample_prompts`). `callbacks` are extra
+    callback objects (e.g. a progress display) besides the configured ones.
     """
 
     def __init__(self, config: RunConfig, out: str | os.PathLike, *, resume: bool = False,
                  callbacks: Iterable[Any] = (), train_batches: Iterable | None = None,
-                 val_batches: Iterable | None = None):
+                 val_batches: Iterable | None = None, tokenizer: Any = None):
         self.config = config
         self.run = RunFolder(out)
         self.resume = resume
@@ -110,7 +112,7 @@ class Trainer:
         self.precision = resolve_precision(config.train.precision, self.device)
         self.world = Distributed(self.device)
         self.callbacks = [build_component(c) for c in config.callbacks] + list(callbacks)
-        self._given_train, self._given_val = train_batches, val_batches
+        self._given_train, self._given_val, self._given_tokenizer = train_batches, val_batches, tokenizer
         self.step = 0
         self.tokens = 0
         self.bad_steps = 0
@@ -130,9 +132,11 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         random.seed(cfg.train.seed)
         self.tokenizer = None
+        self.sample_prompts: list[str] = []  # continued at every evaluation (needs a tokenizer)
         if self._given_train is None and cfg.data.prepared:
             self._setup_prepared()
             cfg = self.config
+            self.sample_prompts = list(cfg.train.sample_prompts or [])
         elif self._given_train is None:
             from ..data import StreamingTextDataset, build_dataset, check_vocab
 
@@ -145,11 +149,15 @@ class Trainer:
             check_vocab(cfg.model, self.tokenizer)
             common = dict(n_ctx=cfg.model.n_ctx, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
                           rank=self.world.rank, world_size=self.world.world_size, dataset=self.dataset)
+            self.sample_prompts = (cfg.train.sample_prompts if cfg.train.sample_prompts is not None
+                                   else default_prompts(self.dataset))
             self.train_stream = StreamingTextDataset.from_config(cfg.data, split="train", **common)
             self.val_stream = StreamingTextDataset.from_config(cfg.data, split="validation", **common)
             self._check_validation_split()
         else:
             self.train_stream, self.val_stream = self._given_train, self._given_val
+            self.tokenizer = self._given_tokenizer
+            self.sample_prompts = list(cfg.train.sample_prompts or []) if self.tokenizer is not None else []
         self.model = build_model_or_explain(cfg.model, self.device)
         if self.world.is_main:  # weights plus ~2 optimizer moments, for latest, best and the one being written
             weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
@@ -250,6 +258,8 @@ class Trainer:
         if self.world.is_main:
             self.run.truncate_metrics(self.step)
             self.run.drop_snapshots_after(self.step)
+            for name in self.run.plugin_logs():  # samples.jsonl, dynamics.jsonl, ...: what came after goes
+                self.run.truncate_log(name, self.step)
             self.run.republish()
 
     def _state(self) -> dict[str, Any]:
@@ -292,6 +302,10 @@ class Trainer:
             "tokens_per_s": (self.tokens - start_tokens) / elapsed if elapsed > 0 else None,
             "precision": self.precision.name, "compiled": self.compiled, "skipped_steps": self.skipped_total,
         }
+        if self.world.is_main:
+            from ..model_card import write_run_card
+
+            write_run_card(self.run.path)  # README.md: the run's model card (hub format)
         for cb in self.callbacks:
             cb.on_train_end(self, summary)
         if self.world.enabled:
@@ -418,7 +432,33 @@ class Trainer:
             self.run.append_metrics([self.last_eval])
         for cb in self.callbacks:
             cb.on_eval_end(self, self.last_eval)
+        self.sample()
         return self.last_eval
+
+    def sample(self) -> list[dict]:
+        """Continue the run's fixed prompts (greedy by default), write them to samples.jsonl and pass
+        them to the callbacks (live display, trackers). Nothing without a tokenizer or prompts."""
+        if not self.sample_prompts or self.tokenizer is None or not self.world.is_main:
+            return []
+        t = self.config.train
+        with self.precision.autocast():
+            texts = continue_prompts(self.model, self.tokenizer, self.sample_prompts, max_new_tokens=t.sample_tokens,
+                                     temperature=t.sample_temperature, seed=t.seed + self.step, device=self.device)
+        samples = [{"step": self.step, "tokens": self.tokens, **s} for s in texts]
+        self.run.append_log(SAMPLES_NAME, samples)
+        for cb in self.callbacks:
+            cb.on_samples(self, samples)
+        return samples
+
+    def log_record(self, source: str, record: dict) -> None:
+        """Append `record` to the run folder's log `source` (a .jsonl file name, e.g. "dynamics.jsonl";
+        main process only) and pass it to every callback's `on_log`: a callback's own metrics reach
+        the experiment trackers this way. The record needs a "step" (a resumed run truncates by it)."""
+        if not self.world.is_main:
+            return
+        self.run.append_log(source, [record])
+        for cb in self.callbacks:
+            cb.on_log(self, record, source)
 
     def save_checkpoint(self, val_loss: float | None = None) -> None:
         if val_loss is not None and (self.best_val is None or val_loss < self.best_val):
