@@ -9,7 +9,6 @@ dynamics.jsonl's keys.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
