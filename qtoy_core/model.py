@@ -210,9 +210,9 @@ class ToyTransformer(nn.Module, _model_hub_mixin()):
         `save_directory`; with `tokenizer` (a qtoy Tokenizer), also tokenizer.json beside the weights."""
         result = super().save_pretrained(save_directory, **kwargs)
         if tokenizer is not None:
-            from .checkpoint import atomic_write
+            from .run_files import write_atomic
 
-            atomic_write(os.path.join(save_directory, "tokenizer.json"), lambda tmp: tokenizer.save(str(tmp)))
+            write_atomic(os.path.join(save_directory, "tokenizer.json"), tokenizer.to_str())
         return result
 
     def _save_pretrained(self, save_directory) -> None:

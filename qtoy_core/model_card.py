@@ -91,12 +91,13 @@ def model_card(document: dict[str, Any], *, metrics: list[dict] | None = None, c
 
 def write_run_card(run: str | Path, *, repo_id: str | None = None) -> Path:
     """Write RUN/README.md from the run's config.json and metrics.jsonl (atomically)."""
-    from .checkpoint import CONFIG_NAME, atomic_write_text
+    from .checkpoint import CONFIG_NAME
+    from .run_files import write_atomic
     from .training.run_folder import read_metrics
 
     run = Path(run)
     document = json.loads((run / CONFIG_NAME).read_text(encoding="utf-8"))
     card = model_card(document, metrics=read_metrics(run), repo_id=repo_id,
                       curves=CURVES_NAME if (run / CURVES_NAME).exists() else None)
-    atomic_write_text(run / CARD_NAME, str(card))
+    write_atomic(run / CARD_NAME, str(card))
     return run / CARD_NAME

@@ -29,7 +29,7 @@ import torch
 from qtoy_registry import QtoyError, get_registry
 
 from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME, check_document, component_providers, model_document
-from ..run_files import append_jsonl, current_umask, read_jsonl, truncate_jsonl, write_atomic
+from ..run_files import append_jsonl, atomic_path, current_umask, read_jsonl, truncate_jsonl, write_atomic
 
 POINTER_NAME = "checkpoint.json"
 SNAPSHOT_DIR = "checkpoints/snapshots"
@@ -283,12 +283,10 @@ class RunFolder:
         the safetensors metadata)."""
         from safetensors.torch import save_model
 
-        from ..checkpoint import atomic_write
-
         path = self.path / SNAPSHOT_DIR / f"step_{step:08d}.safetensors"
         try:
-            atomic_write(path, lambda tmp: save_model(model, str(tmp), metadata={
-                "format": "pt", "step": str(step), "tokens": str(tokens)}))
+            with atomic_path(path) as tmp:
+                save_model(model, str(tmp), metadata={"format": "pt", "step": str(step), "tokens": str(tokens)})
         except OSError as exc:
             raise RunFolderError(f"Saving the snapshot at step {step} failed ({_why(exc)}). Free disk space or fix "
                                  f"permissions, then resume with --resume {self.path}.") from None
