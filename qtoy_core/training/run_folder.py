@@ -256,8 +256,12 @@ class RunFolder:
             return
         if getattr(self, "_lock_fd", None) is not None:
             return
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
+        except OSError as exc:  # the same message prepare() gives for a folder it cannot write
+            raise RunFolderError(f"Cannot write to the output folder {self.path} ({exc.strerror or exc}). Choose a "
+                                 f"writable --out folder, or fix its permissions.") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
