@@ -66,7 +66,8 @@ def test_parts_sum_to_the_logits(mix, dtype, rel):
     assert not attr.approximate and attr.parts.shape == (len(attr.labels), 2, T, V)
     scale = float(logits.abs().max())
     assert float((attr.parts.sum(0) - logits).abs().max()) <= rel * scale
-    assert float((attr.logits - logits).abs().max()) == 0.0
+    # the model's own logits on that run (recording per-head results sums the heads in another order)
+    assert float((attr.logits - logits).abs().max()) <= rel * scale
     # every head of every layer is its own part, in execution order
     heads = [lab for lab, k in zip(attr.labels, attr.kinds) if k == "head"]
     assert heads == [f"L{i}H{h}" for i in range(2) for h in range(H)]

@@ -163,7 +163,7 @@ def test_rmsnorm_frozen_scale_makes_the_logit_attribution_exact():
 
 
 def test_unhooked_points_cost_nothing_and_keep_the_fast_kernel(monkeypatch):
-    import qtoy_plugins.attention.quadratic as quadratic
+    import qtoy_core.qk_product as quadratic  # the base whose mix calls the fast kernel
 
     model = small(attn="quadratic", positional="rope")
     hp = model.blocks[0].attn.hook_q

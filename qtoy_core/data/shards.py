@@ -41,7 +41,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
-from .cache import hash_files, write_atomic
+from ..run_files import write_atomic
+from .cache import hash_files
 from .dataset import SPLITS, TextDataset, check_split, split_of
 from .errors import DataError, ResumeError
 
