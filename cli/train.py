@@ -70,7 +70,7 @@ def default_run_folder(flags: dict) -> Path:
 @click.option("--nproc", type=int, default=None, help="launch N processes with torchrun (DDP)")
 def train_command(config_file, assignments, quiet, nproc, resume, out, compile_, callbacks, **flags) -> None:
     """Train a model. With no flags: a small attention-only quadratic model on the offline synthetic
-    corpus (on 2 CPU cores: about two minutes with AVX-512 BF16, about six with AVX2 only).
+    corpus (on 2 CPU cores: about two minutes with AVX-512 BF16, four to six with AVX2 only).
 
     Precedence: model-type preset < --config file < flags < --set. Examples:
 
