@@ -29,12 +29,11 @@ from __future__ import annotations
 import html
 import json
 import uuid
-from pathlib import Path
 from typing import Any
 
 from qtoy_registry import QtoyError
 
-from .loss_view import _pieces, visible
+from .loss_view import FragmentPage, _pieces, visible
 
 __all__ = ["AttentionView", "AttentionViewError", "MAX_TOKENS", "SCALE_KINDS", "attention_view", "pattern_color"]
 
@@ -81,7 +80,7 @@ def _layer_kind(attn: Any, rows_sum_to_one: bool, any_negative: bool) -> str:
     return "signed" if any_negative else "non-negative"
 
 
-class AttentionView:
+class AttentionView(FragmentPage):
     """The patterns of every head on one text. ``tokens``: (id, text, piece) per position;
     ``patterns[layer][head]``: (T, T) float tensor; ``kinds[layer]``: the colour scale (see module
     docstring); ``html`` the page, ``save(path)`` writes it, ``to_dict()`` gives plain data."""
@@ -142,22 +141,6 @@ class AttentionView:
                 '<div class="main"><div class="heads"></div><div class="detail"></div></div>'
                 f'<script type="application/json" class="av-data">{self._data()}</script>'
                 f'<script>{_JS.replace("%ID%", self._id)}</script></div>')
-
-    @property
-    def html(self) -> str:
-        return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-                '<meta name="viewport" content="width=device-width, initial-scale=1">'
-                f'<title>{_esc(self.title)}</title><style>body{{margin:20px 28px;background:#fafafa}}</style>'
-                f'</head><body>{self.fragment()}</body></html>\n')
-
-    def _repr_html_(self) -> str:
-        return self.fragment()
-
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.html, encoding="utf-8")
-        return path
 
     def __repr__(self) -> str:
         return f"AttentionView({len(self.tokens)} tokens, {len(self.patterns)} layer(s), scales {self.kinds})"

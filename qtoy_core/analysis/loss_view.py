@@ -328,7 +328,29 @@ _JS = """
 """
 
 
-class LossView:
+class FragmentPage:
+    """What a view with a `title` and a self-contained `fragment()` (inline CSS and JS) offers: the
+    whole page (`html`), notebook display (`_repr_html_`) and `save(path)`."""
+
+    @property
+    def html(self) -> str:
+        """A complete, self-contained HTML page."""
+        return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+                '<meta name="viewport" content="width=device-width, initial-scale=1">'
+                f'<title>{_esc(self.title)}</title><style>body{{margin:20px 28px;background:#fafafa}}</style>'
+                f'</head><body>{self.fragment()}</body></html>\n')
+
+    def _repr_html_(self) -> str:
+        return self.fragment()
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.html, encoding="utf-8")
+        return path
+
+
+class LossView(FragmentPage):
     """Per-token losses of one text, displayable in a notebook (``_repr_html_``) and as a page.
 
     ``tokens``: `TokenLoss` per token; ``info``: separator, windows; ``html``: the full page;
@@ -418,23 +440,6 @@ class LossView:
                 + "".join(f'<div class="note">{n}</div>' for n in notes)
                 + f'<div class="text">{"".join(spans)}</div>{worst}</div>'
                 f'<script>{_JS % {"id": self._id}}</script>')
-
-    @property
-    def html(self) -> str:
-        """A complete, self-contained HTML page."""
-        return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-                '<meta name="viewport" content="width=device-width, initial-scale=1">'
-                f'<title>{_esc(self.title)}</title><style>body{{margin:20px 28px;background:#fafafa}}</style>'
-                f'</head><body>{self.fragment()}</body></html>\n')
-
-    def _repr_html_(self) -> str:
-        return self.fragment()
-
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.html, encoding="utf-8")
-        return path
 
     def __repr__(self) -> str:
         mean = self.mean_loss
