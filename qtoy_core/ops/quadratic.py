@@ -243,10 +243,14 @@ def _features(x: Tensor, x2: Tensor | None) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def _plain(q, k, v, scale, q2, k2) -> Tensor:
+def _plain(q, k, v, scale, q2, k2, docs=None) -> Tensor:
+    """``docs``: None, or (query docs, key docs) with q's and k's shapes minus the last axis, where
+    any leading axis may be 1 (broadcast, e.g. over heads): a key is seen only by the queries of its
+    document."""
+    doc_q, doc_k = (None, None) if docs is None else docs
     if torch._C._are_functorch_transforms_active():
         # torch.func (grad, vmap, jacrev, ...) transforms tensor ops, not a hand-written backward
-        return _plain_autograd(q, k, v, scale, q2, k2)
+        return _plain_autograd(q, k, v, scale, q2, k2, docs)
     device = q.device.type
     if _autocast_enabled(device):
         # autocast's rule for matmuls (run them in its lower precision), applied to the kernel's
@@ -254,8 +258,8 @@ def _plain(q, k, v, scale, q2, k2) -> Tensor:
         low = torch.get_autocast_dtype(device)
         q, k, v, q2, k2 = (_autocast_cast(x, low) for x in (q, k, v, q2, k2))
         with torch.autocast(device, enabled=False):
-            return _CausalBlocked.apply(q, k, v, q2, k2, scale)
-    return _CausalBlocked.apply(q, k, v, q2, k2, scale)
+            return _CausalBlocked.apply(q, k, v, q2, k2, scale, doc_q, doc_k)
+    return _CausalBlocked.apply(q, k, v, q2, k2, scale, doc_q, doc_k)
 
 
 def _autocast_enabled(device_type: str) -> bool:
@@ -272,13 +276,16 @@ def _autocast_cast(x: Tensor | None, low: torch.dtype) -> Tensor | None:
     return x.to(low)
 
 
-def _plain_autograd(q, k, v, scale, q2, k2) -> Tensor:
+def _plain_autograd(q, k, v, scale, q2, k2, docs=None) -> Tensor:
     """The plain form as differentiable tensor ops over the full (Tq, Tk) square: slower than the
     blocked kernel, but its gradients are differentiable again (``create_graph=True``) and
     torch.func can transform it. ``impl="autograd"``."""
     scores = (q @ k.transpose(-1, -2)) * scale
     pattern = scores.square() if q2 is None else scores * ((q2 @ k2.transpose(-1, -2)) * scale)
-    return causal_pattern(pattern) @ v
+    pattern = causal_pattern(pattern)
+    if docs is not None:
+        pattern = pattern.masked_fill(docs[0][..., :, None] != docs[1][..., None, :], 0.0)
+    return pattern @ v
 
 
 #: Query rows per block of the plain form (see :class:`_CausalBlocked`), by input dtype: the fastest,
@@ -308,8 +315,9 @@ class _CausalBlocked(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, q2, k2, scale):  # type: ignore[override]
+    def forward(ctx, q, k, v, q2, k2, scale, doc_q=None, doc_k=None):  # type: ignore[override]
         tq, tk, dv = q.shape[-2], k.shape[-2], v.shape[-1]
+        lead = q.shape[:-2]
         # leading dims (batch, heads[, chunks]) -> one batch dim; flatten (not reshape(-1, ...)) so
         # that an empty batch works too
         q3, k3, v3 = q.flatten(0, -3), k.flatten(0, -3), v.flatten(0, -3)
@@ -323,9 +331,12 @@ class _CausalBlocked(torch.autograd.Function):
         keep = any(ctx.needs_input_grad[:5])  # without a backward, each block is freed at once
         saved = []
         for a, b, e in blocks:
-            s1 = _masked_scores(q3[:, a:b], k3[:, :e], scale, e - (b - a))
+            # documents: the scores of keys in another document are zeroed like those above the
+            # diagonal, so the pattern, and the backward (which multiplies by the saved scores), skip them
+            other = None if doc_q is None else doc_q[..., a:b, None] != doc_k[..., None, :e]
+            s1 = _masked_scores(q3[:, a:b], k3[:, :e], scale, e - (b - a), lead, other)
             if bilinear:
-                s2 = _masked_scores(q23[:, a:b], k23[:, :e], scale, e - (b - a))
+                s2 = _masked_scores(q23[:, a:b], k23[:, :e], scale, e - (b - a), lead, other)
                 p = s1 * s2
                 blk = [s1, s2, p]
             else:
@@ -334,17 +345,19 @@ class _CausalBlocked(torch.autograd.Function):
             z3[:, a:b].baddbmm_(p, v3[:, :e], beta=0)
             if keep:
                 saved += blk
-        ctx.save_for_backward(q, k, v, q2, k2, *saved)
+        ctx.save_for_backward(q, k, v, q2, k2, doc_q, doc_k, *saved)
         ctx.scale, ctx.blocks = scale, blocks
         return z
 
     @staticmethod
     def backward(ctx, dz):  # type: ignore[override]
-        q, k, v, q2, k2, *saved = ctx.saved_tensors
+        q, k, v, q2, k2, doc_q, doc_k, *saved = ctx.saved_tensors
+        docs = None if doc_q is None else (doc_q, doc_k)
         if torch.is_grad_enabled():
             # create_graph=True: the gradients must be differentiable again, so they are taken
             # through the autograd form on the saved inputs instead of the in-place kernels below
-            return (*_differentiable_grads((q, k, v, q2, k2), ctx.needs_input_grad[:5], dz, ctx.scale), None)
+            return (*_differentiable_grads((q, k, v, q2, k2), ctx.needs_input_grad[:5], dz, ctx.scale, docs),
+                    None, None, None)
         q3, k3, v3 = q.flatten(0, -3), k.flatten(0, -3), v.flatten(0, -3)
         bilinear = q2 is not None
         q23 = q2.flatten(0, -3) if bilinear else None
@@ -374,23 +387,27 @@ class _CausalBlocked(torch.autograd.Function):
                 _write_grads(dq, dk, a, b, e, dp, q3, k3, 2.0 * ctx.scale)
         out = [dq.view(q.shape), dk.to(k.dtype).view(k.shape), dv.to(v.dtype).view(v.shape)]
         out += [dq2.view(q.shape), dk2.to(k.dtype).view(k.shape)] if bilinear else [None, None]
-        return (*out, None)
+        return (*out, None, None, None)
 
 
-def _differentiable_grads(inputs, needs_grad, dz, scale) -> list[Tensor | None]:
+def _differentiable_grads(inputs, needs_grad, dz, scale, docs=None) -> list[Tensor | None]:
     """Gradients of the plain form's inputs for ``dz``, built from differentiable ops (for
     ``create_graph=True``); None for inputs that need none."""
     wanted = [x for x, need in zip(inputs, needs_grad) if x is not None and need]
     with torch.enable_grad():
-        z = _plain_autograd(inputs[0], inputs[1], inputs[2], scale, inputs[3], inputs[4])
+        z = _plain_autograd(inputs[0], inputs[1], inputs[2], scale, inputs[3], inputs[4], docs)
         grads = iter(torch.autograd.grad(z, wanted, dz, create_graph=True, allow_unused=True))
     return [next(grads) if x is not None and need else None for x, need in zip(inputs, needs_grad)]
 
 
-def _masked_scores(q: Tensor, k: Tensor, scale: float, diagonal: int) -> Tensor:
-    """scale * q @ k^T with the entries above ``diagonal`` zeroed, (n, rows, keys)."""
+def _masked_scores(q: Tensor, k: Tensor, scale: float, diagonal: int, lead=None, other: Tensor | None = None) -> Tensor:
+    """scale * q @ k^T with the entries above ``diagonal`` zeroed, (n, rows, keys); also those where
+    ``other`` (broadcast over the leading dims ``lead`` that flatten into n) is True."""
     s = torch.baddbmm(q.new_empty(q.shape[0], q.shape[1], k.shape[1]), q, k.transpose(1, 2), beta=0, alpha=scale)
-    return s.tril_(diagonal)
+    s.tril_(diagonal)
+    if other is not None:
+        s.view(*lead, s.shape[1], s.shape[2]).masked_fill_(other, 0.0)
+    return s
 
 
 def _accumulate(out: Tensor, a: Tensor, b: Tensor, alpha: float) -> None:
@@ -480,7 +497,8 @@ def _group_chunks(batch_heads: int, chunk: int, f_dim: int, itemsize: int) -> in
 
 
 def _chunked(q, k, v, scale, q2, k2, chunk_size: int, state: Tensor | None = None, *,
-             need_state: bool = False, carry: str = "matmul", group_chunks: int | None = None):
+             need_state: bool = False, carry: str = "matmul", group_chunks: int | None = None,
+             doc: Tensor | None = None, state_doc: Tensor | None = None):
     """Chunked causal quadratic/bilinear attention.
 
     Chunks are aligned on absolute positions (multiples of ``chunk_size`` from key 0). Chunks that hold
@@ -491,6 +509,9 @@ def _chunked(q, k, v, scale, q2, k2, chunk_size: int, state: Tensor | None = Non
     ``(z, final_state)`` (final_state None unless ``need_state``; in the accumulation dtype, float32
     for half-precision inputs).
     """
+    if doc is not None:
+        return _chunked_docs(q, k, v, scale, q2, k2, int(chunk_size), state, doc, state_doc,
+                             need_state=need_state, group_chunks=1 if carry == "loop" else group_chunks)
     b, h, tq, d = q.shape
     tk = k.shape[-2]
     prefix = tk - tq
@@ -550,6 +571,103 @@ def _chunked(q, k, v, scale, q2, k2, chunk_size: int, state: Tensor | None = Non
     return z, None if state is None else state.transpose(-1, -2)
 
 
+def _chunked_docs(q, k, v, scale, q2, k2, c: int, state: Tensor | None, doc: Tensor, state_doc: Tensor | None, *,
+                  need_state: bool, group_chunks: int | None):
+    """`_chunked` with documents: ``doc`` (B, Tk) int, nondecreasing along each row (every document
+    one run of positions), the queries' documents the last Tq entries; ``state`` holds keys of
+    document ``state_doc`` (B,) (default: the first key's).
+
+    The state carried into chunk n is the state of the document open at the chunk's first position
+    (its keys before the chunk); a query of the chunk reads it only if it belongs to that document,
+    and inside the chunk the exact masked form sees only keys of the query's own document. Chunk m
+    passes on its "tail" state, the keys of the document of its last position (all its keys when it
+    holds no boundary). Since documents are runs, the keys before chunk n that belong to the
+    document ``t`` open at its start are the incoming state (when ``t`` is its document) plus the
+    tails of the earlier chunks whose last position lies in ``t``: one gated (n, m) sum per group,
+    so a chunk holding a boundary restarts the state from the keys after its last boundary.
+    """
+    b, h, tq, d = q.shape
+    tk = k.shape[-2]
+    prefix = tk - tq
+    acc = _acc_dtype(torch.promote_types(q.dtype, v.dtype))
+    if state is not None:
+        acc = torch.promote_types(acc, state.dtype)
+    doc = torch.as_tensor(doc, device=k.device).to(torch.int64)
+    if doc.shape != (b, tk):
+        raise ValueError(f"doc_ids must be (batch, Tk) = {(b, tk)}, got {tuple(doc.shape)}")
+    f_dim = feature_dim(d, bilinear=q2 is not None)
+    group = int(group_chunks) if group_chunks else _group_chunks(b * h, c, f_dim, q.element_size())
+    if state is not None:
+        state = state.transpose(-1, -2).to(acc)  # internal layout (B, H, D, F)
+    if state_doc is None:
+        state_doc = doc[:, 0] if tk else doc.new_zeros(b)
+    if tq == 0:
+        z = q.new_zeros(b, h, 0, v.shape[-1]) + 0 * sum(x.sum() for x in (q, k, v, q2, k2) if x is not None)
+        return z, None if state is None else state.transpose(-1, -2)
+    n = -(-tk // c)
+    pad_end = n * c - tk
+    # padded keys have zero keys and values (they add nothing) and the last key's document (so a
+    # chunk's last position is in the document of its last real key)
+    docb = torch.cat([doc, doc[:, -1:].expand(b, pad_end)], 1).unflatten(1, (n, c))  # (B, n, c)
+    first, last = docb[:, :, 0], docb[:, :, -1]
+
+    def blocks(x, front=0):
+        x = torch.nn.functional.pad(x, (0, 0, front, pad_end)) if (front or pad_end) else x
+        return x.unflatten(-2, (n, c))
+
+    kb, vb = blocks(k), blocks(v)
+    k2b = None if k2 is None else blocks(k2)
+    first_q = prefix // c  # chunks before this one hold no query: they only feed the state
+    lead = prefix - first_q * c
+    qb = blocks(q * scale, prefix)[:, :, first_q:]
+    q2b = None if q2 is None else blocks(q2 * scale, prefix)[:, :, first_q:]
+
+    def tails(g0: int, g1: int) -> Tensor:
+        """(B, H, g, D, F): each chunk's keys in the document of its last position."""
+        own = (docb[:, g0:g1] == last[:, g0:g1, None]).to(vb.dtype)[:, None, :, :, None]
+        phik = _features(kb[:, :, g0:g1], None if k2b is None else k2b[:, :, g0:g1])
+        return _chunk_states(phik, vb[:, :, g0:g1] * own, acc)
+
+    def seen(target: Tensor, g0: int, g1: int, st: Tensor, strict: bool) -> Tensor:
+        """(B, H, t, D, F): the incoming state plus the tails of chunks g0..g1-1 whose last document
+        is ``target`` (B, t) (``strict``: only chunks before the target chunk, target t = chunk g0 + t)."""
+        gate = last[:, None, g0:g1] == target[:, :, None]  # (B, t, m)
+        if strict:
+            gate = gate & torch.ones(gate.shape[1], gate.shape[2], dtype=torch.bool, device=gate.device).tril_(-1)
+        with torch.autocast(st.device.type, enabled=False):  # keep the sum in ``acc``
+            out = torch.einsum("btm,bhmx->bhtx", gate.to(acc), st.flatten(-2)).unflatten(-1, st.shape[-2:])
+        if state is not None:
+            keep = (target == state_doc[:, None]).to(acc)[:, None, :, None, None]
+            out = out + keep * state.unsqueeze(2)
+        return out
+
+    # keys before the first chunk holding a query: state only
+    for g0 in range(0, first_q, group):
+        g1 = min(g0 + group, first_q)
+        target = first[:, g1:g1 + 1]
+        state, state_doc = seen(target, g0, g1, tails(g0, g1), strict=False)[:, :, 0], target[:, 0]
+    outs = []
+    for g0 in range(first_q, n, group):
+        g1 = min(g0 + group, n)
+        sl = slice(g0 - first_q, g1 - first_q)
+        qc, q2c = qb[:, :, sl], None if q2b is None else q2b[:, :, sl]
+        kc, k2c, vc = kb[:, :, g0:g1], None if k2b is None else k2b[:, :, g0:g1], vb[:, :, g0:g1]
+        dc = docb[:, None, g0:g1]  # (B, 1, g, c): queries sit at the keys' positions
+        z = _plain(qc, kc, vc, 1.0, q2c, k2c, docs=(dc, dc))
+        st = tails(g0, g1)
+        prev = seen(first[:, g0:g1], g0, g1, st, strict=True)
+        reads = (dc == first[:, None, g0:g1, None]).to(z.dtype)[..., None]  # the query is in the open document
+        phiq = _features(qc, q2c)
+        z = z + reads * (phiq @ prev.to(phiq.dtype).transpose(-1, -2))
+        outs.append(z)
+        if g1 < n or need_state:
+            target = first[:, g1:g1 + 1] if g1 < n else last[:, -1:]
+            state, state_doc = seen(target, g0, g1, st, strict=False)[:, :, 0], target[:, 0]
+    z = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    z = z.flatten(2, 3)[:, :, lead:lead + tq]
+    return z, None if (state is None or not need_state) else state.transpose(-1, -2)
+
+
 # ---------------------------------------------------------------------------------------------
 # Public entry point
 # ---------------------------------------------------------------------------------------------
@@ -579,6 +697,15 @@ def _apply_key_mask(v: Tensor, key_mask) -> Tensor:
     keep = key_mask.to(torch.bool)[:, None, :, None]
     # a padded key multiplies a zero value: it contributes nothing (and no gradient flows to it)
     return v.masked_fill(~keep, 0.0)
+
+
+def _check_doc_ids(doc_ids, k: Tensor) -> Tensor:
+    doc_ids = torch.as_tensor(doc_ids, device=k.device)
+    if doc_ids.shape != (k.shape[0], k.shape[-2]):
+        raise ValueError(f"doc_ids must be (batch, Tk) = {(k.shape[0], k.shape[-2])}, got {tuple(doc_ids.shape)}")
+    if doc_ids.is_floating_point() or doc_ids.dtype == torch.bool:
+        raise ValueError(f"doc_ids must be integer document indices, not {doc_ids.dtype}")
+    return doc_ids
 
 
 def _crossover_t(f_dim: int) -> float:
@@ -613,6 +740,7 @@ def quadratic_attention(
     key_mask: Tensor | None = None,
     impl: str = "auto",
     chunk_size: int | None = None,
+    doc_ids: Tensor | None = None,
 ) -> Tensor:
     """Causal quadratic (or, with ``q2``/``k2``, bilinear) attention.
 
@@ -632,6 +760,11 @@ def quadratic_attention(
             (higher-order gradients go through the autograd form) and torch.func transforms (which
             switch ``plain`` to the autograd form by themselves).
         chunk_size: chunk length of the chunked form (default :data:`DEFAULT_CHUNK_SIZE`).
+        doc_ids: optional (B, Tk) int, the document of every key (the queries' are the last Tq
+            entries): key ``j`` is visible to query ``i`` iff ``j <= i`` and both are in one
+            document, so attention never crosses a document boundary (packed rows). Each row's ids
+            must be nondecreasing (every document one run, as `qtoy_core.ops.masks.document_ids`
+            gives): the chunked form resets its running state where they change.
 
     Returns:
         z: (B, H, Tq, D).
@@ -639,17 +772,21 @@ def quadratic_attention(
     _check_inputs(q, k, v, q2, k2)
     v = _apply_key_mask(v, key_mask)
     tq, tk, d = q.shape[-2], k.shape[-2], q.shape[-1]
+    docs = None
+    if doc_ids is not None:
+        doc_ids = _check_doc_ids(doc_ids, k)
+        docs = (doc_ids[:, None, tk - tq:], doc_ids[:, None])  # broadcast over heads
     if impl == "auto":
         impl = "chunked" if _use_chunked(tq, tk, d, q2 is not None) else "plain"
     if impl == "plain":
-        return _plain(q, k, v, scale, q2, k2)
+        return _plain(q, k, v, scale, q2, k2, docs)
     if impl == "autograd":
-        return _plain_autograd(q, k, v, scale, q2, k2)
+        return _plain_autograd(q, k, v, scale, q2, k2, docs)
     if impl == "chunked":
         c = DEFAULT_CHUNK_SIZE if chunk_size is None else int(chunk_size)
         if c < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        z, _ = _chunked(q, k, v, scale, q2, k2, c)
+        z, _ = _chunked(q, k, v, scale, q2, k2, c, doc=doc_ids)
         return z
     raise ValueError(f"impl must be 'auto', 'plain', 'chunked' or 'autograd', got {impl!r}")
 
@@ -686,6 +823,9 @@ class QuadraticAttentionState:
         # kept transposed, (B, H, D, F), like the chunked kernel; ``S`` is the (B, H, F, D) view
         self._st = torch.zeros(batch, heads, d_head, self.features, dtype=dtype, device=device)
         self.length = 0  # number of keys absorbed
+        # with documents: the document (B,) whose keys the state holds; a row whose next token opens
+        # another document starts again from zero (None: no document given yet)
+        self.doc: Tensor | None = None
 
     @property
     def S(self) -> Tensor:
@@ -699,6 +839,7 @@ class QuadraticAttentionState:
     def reset(self) -> None:
         self._st = torch.zeros_like(self._st)
         self.length = 0
+        self.doc = None
 
     def _check(self, q, k, v, q2, k2):
         _check_inputs(q, k, v, q2, k2)
@@ -709,22 +850,39 @@ class QuadraticAttentionState:
         if got != want or v.shape[-1] != self.d_head:
             raise ValueError(f"expected (batch, heads, d_head) = {want}, got {got}")
 
-    def prefill(self, q, k, v, *, scale, q2=None, k2=None, key_mask=None) -> Tensor:
+    def prefill(self, q, k, v, *, scale, q2=None, k2=None, key_mask=None, doc_ids=None) -> Tensor:
         """Process a whole prompt (B, H, T, D) on top of the current state; returns z for every
-        position (as :func:`quadratic_attention`) and leaves the state after the last position."""
+        position (as :func:`quadratic_attention`) and leaves the state after the last position.
+        ``doc_ids`` (B, T): the new tokens' documents, numbered on from those of earlier calls; a
+        row's state restarts where a new document begins, and afterwards holds the keys of the
+        document of its last token."""
         self._check(q, k, v, q2, k2)
         v = _apply_key_mask(v, key_mask)
-        z, state = _chunked(q, k, v, scale, q2, k2, DEFAULT_CHUNK_SIZE, state=self.S, need_state=True)
+        if doc_ids is not None:
+            doc_ids = _check_doc_ids(doc_ids, k).to(torch.int64)
+            state_doc = self.doc if self.doc is not None else doc_ids[:, 0]
+            z, state = _chunked(q, k, v, scale, q2, k2, DEFAULT_CHUNK_SIZE, state=self.S, need_state=True,
+                                doc=doc_ids, state_doc=state_doc)
+            if k.shape[-2]:
+                self.doc = doc_ids[:, -1]
+        else:
+            z, state = _chunked(q, k, v, scale, q2, k2, DEFAULT_CHUNK_SIZE, state=self.S, need_state=True)
         self.S = state
         self.length += k.shape[-2]
         return z.to(v.dtype)
 
-    def step(self, q, k, v, *, scale, q2=None, k2=None) -> Tensor:
+    def step(self, q, k, v, *, scale, q2=None, k2=None, doc_ids=None) -> Tensor:
         """One token: q, k, v (B, H, 1, D). Adds ``phi(k) v^T`` to the state and returns
-        ``z = phi(q)^T S * scale^2`` for this position (the token sees itself)."""
+        ``z = phi(q)^T S * scale^2`` for this position (the token sees itself). ``doc_ids`` (B, 1):
+        the token's document; a row whose token opens a new document first empties its state."""
         self._check(q, k, v, q2, k2)
         if q.shape[-2] != 1 or k.shape[-2] != 1:
-            return self.prefill(q, k, v, scale=scale, q2=q2, k2=k2)
+            return self.prefill(q, k, v, scale=scale, q2=q2, k2=k2, doc_ids=doc_ids)
+        if doc_ids is not None:
+            doc = _check_doc_ids(doc_ids, k).to(torch.int64)[:, 0]
+            if self.doc is not None:
+                self._st = self._st * (doc == self.doc).to(self._st.dtype)[:, None, None, None]
+            self.doc = doc
         sd = self._st.dtype
         phik = _features(k.to(sd), None if k2 is None else k2.to(sd))
         st = self._st  # one fused pass over the state (no (D, F) temporary for the outer product)
