@@ -54,6 +54,9 @@ _LAZY = {
     "key_padding_mask": ".interfaces",
     "append_to_cache": ".interfaces",
     "causal_pattern": ".ops.masks",
+    # document masking (packed rows): each token's document, and the same-document mask
+    "document_ids": ".ops.masks",
+    "same_document": ".ops.masks",
     # the fast kernels of polynomial attention (qtoy_core.ops): what the built-in quadratic and
     # bilinear attentions call, open to any attention plugin
     "quadratic_attention": ".ops.quadratic",
@@ -215,7 +218,7 @@ if TYPE_CHECKING:
         split_heads,
     )
     from .model import GenerationCache, ToyTransformer, cross_entropy
-    from .ops.masks import causal_pattern
+    from .ops.masks import causal_pattern, document_ids, same_document
     from .ops.quadratic import QuadraticAttentionState, quadratic_attention
     from .optim import build_optimizer, is_hidden_matrix, use_fused_adamw
     from .qk_product import QKProductAttention

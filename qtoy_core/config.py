@@ -86,6 +86,13 @@ class ModelConfig(BaseModel):
     mlp: SerializeAsAny[MLPConfig] = Field(default_factory=lambda: parse_component("mlp", "none"))
     positional: SerializeAsAny[PositionalConfig] = Field(default_factory=lambda: parse_component("positional", "rope"))
     norm: SerializeAsAny[NormConfig] = Field(default_factory=lambda: parse_component("norm", "none"))
+    # Document masking (packed rows): attention never crosses a document boundary and positions
+    # restart at every document (qtoy_core.documents). The model finds the documents from the
+    # separator token (the tokenizer's separator_id, and bos_id where it has one; the trainer
+    # records them) or takes doc_ids= in its forward.
+    doc_mask: bool = False
+    doc_separator_id: int | None = Field(None, ge=0, description="token ending a document (doc_mask)")
+    doc_bos_id: int | None = Field(None, ge=0, description="token opening a document, when there is one (doc_mask)")
 
     @model_validator(mode="before")
     @classmethod
@@ -126,6 +133,11 @@ class ModelConfig(BaseModel):
             self.d_mlp = 4 * self.d_model
         for component in (self.attention, self.mlp, self.positional, self.norm):
             component.check_model(self)
+        for name in ("doc_separator_id", "doc_bos_id"):
+            value = getattr(self, name)
+            if value is not None and value >= self.vocab_size:
+                raise ValueError(f"{name} {value} is not a token of the vocabulary (vocab_size {self.vocab_size}): "
+                                 f"give the tokenizer's id, or leave it unset for `qtoy train` to record")
         return self
 
     @property

@@ -76,11 +76,18 @@ class Positional(nn.Module):
     transforms queries and keys (RoPE) and is the identity otherwise.
     """
 
+    #: Capability: with document masking (`ModelConfig.doc_mask`) positions restart at every
+    #: document, so `embed` and `rotate` get ``positions`` (batch, time), each token's position in
+    #: its own document, instead of (time,). A positional that handles both sets this True; a model
+    #: with document masking refuses one that does not (it could not place the documents alone).
+    supports_doc_mask: bool = False
+
     def embed(self, positions: Tensor) -> Tensor | None:
         return None
 
     def rotate(self, x: Tensor, positions: Tensor) -> Tensor:
-        """x: (batch, heads, time, d_head); positions: (time,) absolute positions."""
+        """x: (batch, heads, time, d_head); positions: (time,) absolute positions, or (batch, time)
+        with document masking (see `supports_doc_mask`)."""
         return x
 
 
@@ -93,9 +100,15 @@ class Attention(nn.Module):
       state: a dict the module owns during cached generation (None when not generating).
     Must own `out_proj` (the linear map writing to the residual stream; zero-initialised).
     Optional capability: `tensor_network(...)` (see qtoy_core.analysis).
+
+    Capability `supports_doc_mask` (default False): forward also takes ``doc_ids`` (batch, time)
+    int, each token's document (numbered on across cached calls; nondecreasing along a row), and
+    a query then sees only keys of its own document, cached ones included (the model passes it only
+    when document masking is on, and refuses an attention without the capability then).
     """
 
     out_proj: nn.Linear
+    supports_doc_mask: bool = False
 
 
 class MLP(nn.Module):
@@ -157,6 +170,8 @@ class ProjectedAttention(Attention, metaclass=abc.ABCMeta):
 
     Owns q_proj, k_proj, v_proj (d_model -> n_head * d_head), out_proj (back to d_model) and the
     hook points; subclasses implement `mix(q, k, v, key_mask, state)` -> z (batch, heads, time, d_head).
+    With `supports_doc_mask` set, mix also gets ``doc_ids=`` (batch, time) for the new tokens (a
+    cached mix keeps the cached keys' documents in its state, as it keeps their keys).
 
     Hook points: a projection ``<c>_proj`` passed through `heads` is recorded at ``hook_<c>`` before
     the positional rotation and at ``hook_rot_<c>`` after it, when the module has those HookPoints
@@ -199,12 +214,16 @@ class ProjectedAttention(Attention, metaclass=abc.ABCMeta):
         return rot.run(h) if isinstance(rot, HookPoint) else h
 
     def forward(self, x: Tensor, *, positional: Positional, positions: Tensor,
-                attention_mask: Tensor | None = None, state: dict | None = None) -> Tensor:
+                attention_mask: Tensor | None = None, state: dict | None = None,
+                doc_ids: Tensor | None = None) -> Tensor:
         q = self.heads(self.q_proj, x, positional, positions)
         k = self.heads(self.k_proj, x, positional, positions)
         v = self.heads(self.v_proj, x, None, positions)
+        # doc_ids reaches mix only with document masking on: a mix that declares the capability
+        # (`supports_doc_mask`) takes it as a keyword
+        docs = {} if doc_ids is None else {"doc_ids": doc_ids}
         z = self.mix(q, k, v, key_padding_mask(attention_mask), state, x=x, positional=positional,
-                     positions=positions)
+                     positions=positions, **docs)
         z = self.hook_z.run(z)
         if not self.hook_result.is_hooked():
             return self.out_proj(merge_heads(z))

@@ -35,6 +35,11 @@ class GenerationCache:
     mode: str = "recurrent"
     offset: int = 0
     layers: list[dict] = field(default_factory=list)
+    # document masking: the last token, its document and where that document started (batch,), so
+    # the next call continues the numbering and the positions (qtoy_core.documents)
+    last_token: Tensor | None = field(default=None, init=False)
+    doc_last: Tensor | None = field(default=None, init=False)
+    doc_start: Tensor | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         if self.mode not in ("recurrent", "kv"):
@@ -63,10 +68,12 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor, *, positional: nn.Module, positions: Tensor,
-                attention_mask: Tensor | None = None, state: dict | None = None) -> Tensor:
+                attention_mask: Tensor | None = None, state: dict | None = None,
+                doc_ids: Tensor | None = None) -> Tensor:
         x = self.hook_resid_pre(x)
+        docs = {} if doc_ids is None else {"doc_ids": doc_ids}  # only to attentions that declare support
         attn_out = self.attn(self.ln1(x), positional=positional, positions=positions,
-                             attention_mask=attention_mask, state=state)
+                             attention_mask=attention_mask, state=state, **docs)
         x = self.hook_resid_mid(x + self.dropout(self.hook_attn_out(attn_out)))
         if self.has_mlp:
             x = x + self.dropout(self.hook_mlp_out(self.mlp(self.ln2(x))))
@@ -104,6 +111,10 @@ class ToyTransformer(nn.Module, _model_hub_mixin()):
         for name, module in self.named_modules():  # TL's hook.name
             if isinstance(module, HookPoint):
                 module.name = name
+        if config.doc_mask:
+            from .documents import check_doc_mask_support
+
+            check_doc_mask_support(self)
 
     def _init_weights(self) -> None:
         for module in self.modules():
@@ -122,21 +133,35 @@ class ToyTransformer(nn.Module, _model_hub_mixin()):
                     nn.init.zeros_(proj.bias)
 
     def forward(self, tokens: Tensor, attention_mask: Tensor | None = None, *,
-                cache: GenerationCache | None = None) -> Tensor:
+                cache: GenerationCache | None = None, doc_ids: Tensor | None = None) -> Tensor:
         """tokens: (batch, time) int64 -> logits (batch, time, vocab).
 
         attention_mask: (batch, time) 1 for real tokens, 0 for padding (with a cache: covering the
         cached tokens too). With `cache`, tokens continue the cached sequence.
+
+        doc_ids: (batch, time) int, each token's document (nondecreasing along a row; with a cache,
+        numbered on from the earlier calls): attention never crosses a document boundary and
+        positions restart at every document, so each document comes out exactly as if run alone.
+        A model with ``config.doc_mask`` derives them itself from the separator token its config
+        records (`qtoy_core.documents`); given ones take precedence.
         """
+        from .documents import document_positions, documents_for
+
         offset = cache.offset if cache is not None else 0
+        docs = documents_for(self, tokens, cache, doc_ids)
+        if docs is None:
+            positions = torch.arange(offset, offset + tokens.shape[1], device=tokens.device)
+        else:  # each token's position in its own document, (batch, time)
+            positions = document_positions(docs, offset, cache)
         limit = getattr(self.positional, "max_positions", None)
         if limit is not None and offset + tokens.shape[1] > limit:
-            raise ValueError(
-                f"positions up to {offset + tokens.shape[1]} requested but the {self.config.positional.name} "
-                f"positional encoding only covers n_ctx={limit}: shorten the input (or the generation), "
-                f"or train with a larger n_ctx or with rope"
-            )
-        positions = torch.arange(offset, offset + tokens.shape[1], device=tokens.device)
+            last = offset + tokens.shape[1] if docs is None else int(positions.max()) + 1 if positions.numel() else 0
+            if last > limit:
+                raise ValueError(
+                    f"positions up to {last} requested but the {self.config.positional.name} "
+                    f"positional encoding only covers n_ctx={limit}: shorten the input (or the generation), "
+                    f"or train with a larger n_ctx or with rope"
+                )
         x = self.hook_embed(self.embed(tokens))
         pos = self.positional.embed(positions)
         if pos is not None:
@@ -144,9 +169,11 @@ class ToyTransformer(nn.Module, _model_hub_mixin()):
         x = self.dropout(x)
         for i, block in enumerate(self.blocks):
             x = block(x, positional=self.positional, positions=positions, attention_mask=attention_mask,
-                      state=cache.layers[i] if cache is not None else None)
+                      state=cache.layers[i] if cache is not None else None, doc_ids=docs)
         if cache is not None:
             cache.offset += tokens.shape[1]
+            if tokens.shape[1]:
+                cache.last_token = tokens[:, -1]
         return self.unembed(self.ln_final(x))
 
     def run_with_cache(self, tokens: Tensor, names_filter: Any = None, **kwargs: Any):
@@ -194,9 +221,11 @@ class ToyTransformer(nn.Module, _model_hub_mixin()):
     def new_cache(self, mode: str = "recurrent") -> GenerationCache:
         return GenerationCache(len(self.blocks), mode=mode)
 
-    def loss(self, tokens: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """Mean next-token cross-entropy of a (batch, time) sequence, over real tokens only."""
-        logits = self(tokens[:, :-1], None if attention_mask is None else attention_mask[:, :-1])
+    def loss(self, tokens: Tensor, attention_mask: Tensor | None = None, *, doc_ids: Tensor | None = None) -> Tensor:
+        """Mean next-token cross-entropy of a (batch, time) sequence, over real tokens only
+        (``doc_ids``: each token's document, see `forward`)."""
+        logits = self(tokens[:, :-1], None if attention_mask is None else attention_mask[:, :-1],
+                      doc_ids=None if doc_ids is None else doc_ids[:, :-1])
         mask = None if attention_mask is None else attention_mask[:, 1:]
         return cross_entropy(logits, tokens[:, 1:], mask)
 

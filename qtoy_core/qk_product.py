@@ -94,18 +94,32 @@ class _ProductState:
 
     def __init__(self) -> None:
         self.S: Tensor | None = None
+        self.doc: Tensor | None = None  # with documents: the document (B,) whose keys S holds
 
-    def __call__(self, factors: list[Factor], v: Tensor, explicit: Tensor) -> Tensor:
-        """``explicit``: z of the new tokens among themselves (their own causal pattern); adds what
-        the keys seen before contribute, then absorbs the new keys. v is already masked."""
+    def __call__(self, factors: list[Factor], v: Tensor, explicit: Tensor, doc_ids: Tensor | None = None) -> Tensor:
+        """``explicit``: z of the new tokens among themselves (their own causal pattern, within
+        their documents); adds what the keys seen before contribute, then absorbs the new keys. v is
+        already masked. ``doc_ids`` (B, T): the new tokens' documents; the earlier keys count only
+        for queries of the document they belong to, and S then holds the last token's document."""
         dtype = torch.promote_types(v.dtype, torch.float32)
         qs = [q.to(dtype) * s for q, _, s in factors]
         ks = [k.to(dtype) for _, k, _ in factors]
         z = explicit
+        if doc_ids is not None and self.S is not None and self.doc is not None:
+            reads = (doc_ids == self.doc[:, None]).to(dtype)[:, None, :, None]  # (B, 1, T, 1)
+        else:
+            reads = None
         if self.S is not None:
             seen = [_tensor_features([q[:, :, t:t + _STATE_SLICE] for q in qs]) @ self.S
                     for t in range(0, v.shape[2], _STATE_SLICE)]
-            z = z + torch.cat(seen, dim=2).to(z.dtype)
+            seen = torch.cat(seen, dim=2)
+            z = z + (seen if reads is None else seen * reads).to(z.dtype)
+        if doc_ids is not None and v.shape[2]:
+            last = doc_ids[:, -1]
+            v = v * (doc_ids == last[:, None]).to(v.dtype)[:, None, :, None]  # only the last document's keys stay
+            if self.S is not None and self.doc is not None:
+                self.S = self.S * (last == self.doc).to(self.S.dtype)[:, None, None, None]
+            self.doc = last
         new = sum(_tensor_features([k[:, :, t:t + _STATE_SLICE] for k in ks]).transpose(-1, -2)
                   @ v[:, :, t:t + _STATE_SLICE].to(dtype) for t in range(0, v.shape[2], _STATE_SLICE))
         self.S = new if self.S is None else self.S + new
@@ -123,6 +137,7 @@ class QKProductAttention(ProjectedAttention):
     """
 
     window: int | None = None
+    supports_doc_mask = True  # every path below takes doc_ids (the kernels, the explicit pattern, the states)
 
     def __init__(self, model: "ModelConfig", config: Any, layer: int):
         super().__init__(model, config, layer)
@@ -136,19 +151,25 @@ class QKProductAttention(ProjectedAttention):
 
     # -- the forward -------------------------------------------------------------------------------
     def mix(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, state: dict | None, *, x: Tensor,
-            positional, positions: Tensor, **_: Any) -> Tensor:
+            positional, positions: Tensor, doc_ids: Tensor | None = None, **_: Any) -> Tensor:
+        """``doc_ids`` (batch, new tokens): with document masking, a query sees only the keys of
+        its own document (cached keys keep their documents in ``state``)."""
         specs = self._factor_specs()
         factors = self._factor_heads(specs, q, k, x, positional, positions)
         explicit = self.wants_pattern()
         if state is not None and state.get("mode", "recurrent") == "recurrent" and not explicit \
                 and self._has_recurrent_form(len(specs)):
-            return self._recurrent(state, specs, factors, v, key_mask)
+            return self._recurrent(state, specs, factors, v, key_mask, doc_ids)
         if state is not None:
             factors, v = self._cached(state, specs, factors, v)
+            if doc_ids is not None:
+                (doc_ids,) = append_to_cache(state, doc=doc_ids[:, None, :, None])
+                doc_ids = doc_ids[:, 0, :, 0]  # kept like keys, (batch, 1, time, 1): the keys' documents
         if explicit or self.window is not None or len(factors) != 2:
-            return self._explicit(specs, factors, v, key_mask)
+            return self._explicit(specs, factors, v, key_mask, doc_ids)
         q1, k1, q2, k2, scale = self._kernel_inputs(specs, factors)
-        return quadratic_attention(q1, k1, v, scale=scale, q2=q2, k2=k2, key_mask=key_mask, impl=self.impl)
+        return quadratic_attention(q1, k1, v, scale=scale, q2=q2, k2=k2, key_mask=key_mask, impl=self.impl,
+                                   doc_ids=doc_ids)
 
     def _factor_specs(self) -> list[tuple[nn.Linear, nn.Linear, float]]:
         specs = [(qp, kp, float(s)) for qp, kp, s in self.qk_factors()]
@@ -211,7 +232,8 @@ class QKProductAttention(ProjectedAttention):
                 powers.append(1)
         return forms, powers
 
-    def _explicit(self, specs, factors: list[Factor], v: Tensor, key_mask: Tensor | None) -> Tensor:
+    def _explicit(self, specs, factors: list[Factor], v: Tensor, key_mask: Tensor | None,
+                  doc_ids: Tensor | None = None) -> Tensor:
         """The (T_q, T_k) pattern written out, through the hook points (module docstring)."""
         forms, powers = self._forms(specs, factors)
         values = [(fq @ fk.transpose(-1, -2)) * s for fq, fk, s in forms]
@@ -225,7 +247,7 @@ class QKProductAttention(ProjectedAttention):
             for value, power in zip(values, powers):
                 if power > 1:
                     pattern = pattern * _power(value, power - 1)
-        pattern = causal_pattern(pattern, key_mask)  # zeros after any power, never -inf before it
+        pattern = causal_pattern(pattern, key_mask, doc_ids)  # zeros after any power, never -inf before it
         if self.window is not None:
             pattern = pattern * window_mask(pattern.shape[-2], pattern.shape[-1], self.window,
                                             pattern.device).to(pattern.dtype)
@@ -247,23 +269,27 @@ class QKProductAttention(ProjectedAttention):
     def _has_recurrent_form(self, n_factors: int) -> bool:
         return self.window is None and (n_factors == 2 or self.d_head ** n_factors <= MAX_STATE_FEATURES)
 
-    def _recurrent(self, state: dict, specs, factors: list[Factor], v: Tensor, key_mask: Tensor | None) -> Tensor:
-        """Generation through the running state ``state["rnn"]``: constant cost per token."""
+    def _recurrent(self, state: dict, specs, factors: list[Factor], v: Tensor, key_mask: Tensor | None,
+                   doc_ids: Tensor | None = None) -> Tensor:
+        """Generation through the running state ``state["rnn"]``: constant cost per token; with
+        ``doc_ids`` a row's state restarts where a new document begins."""
         if key_mask is not None:
             key_mask = key_mask[:, -v.shape[2]:]
         if len(factors) == 2:
-            return self._recurrent_two(state, specs, factors, v, key_mask)
+            return self._recurrent_two(state, specs, factors, v, key_mask, doc_ids)
         if key_mask is not None:  # a padded key adds nothing to the state
             v = v * key_mask[:, None, :, None].to(v.dtype)
         rnn = state.setdefault("rnn", _ProductState())
-        return rnn(factors, v, self._explicit(specs, factors, v, None))  # the new tokens among themselves
+        # the new tokens among themselves, then what the state adds
+        return rnn(factors, v, self._explicit(specs, factors, v, None, doc_ids), doc_ids)
 
-    def _recurrent_two(self, state: dict, specs, factors: list[Factor], v: Tensor, key_mask: Tensor | None) -> Tensor:
+    def _recurrent_two(self, state: dict, specs, factors: list[Factor], v: Tensor, key_mask: Tensor | None,
+                       doc_ids: Tensor | None = None) -> Tensor:
         q, k, q2, k2, scale = self._kernel_inputs(specs, factors)
         if "rnn" not in state:
             b, h, _, d = q.shape
             state["rnn"] = QuadraticAttentionState(b, h, d, bilinear=q2 is not None, dtype=q.dtype, device=q.device)
-            return state["rnn"].prefill(q, k, v, scale=scale, q2=q2, k2=k2, key_mask=key_mask)
+            return state["rnn"].prefill(q, k, v, scale=scale, q2=q2, k2=k2, key_mask=key_mask, doc_ids=doc_ids)
         rnn = state["rnn"]
         outs = []
         for t in range(q.shape[2]):
@@ -273,7 +299,8 @@ class QKProductAttention(ProjectedAttention):
             if key_mask is not None:  # a padded key adds nothing to the state
                 m = key_mask[:, None, sl, None].to(kt.dtype)
                 kt, vt = kt * m, vt * m
-            outs.append(rnn.step(q[:, :, sl], kt, vt, scale=scale, q2=q2[:, :, sl] if q2 is not None else None, k2=k2t))
+            outs.append(rnn.step(q[:, :, sl], kt, vt, scale=scale, q2=q2[:, :, sl] if q2 is not None else None, k2=k2t,
+                                 doc_ids=None if doc_ids is None else doc_ids[:, sl]))
         return torch.cat(outs, dim=2)
 
     # -- optional capability: exact tensor network (qtoy_core.analysis.tensor_network) ---------------
@@ -297,7 +324,7 @@ class QKProductAttention(ProjectedAttention):
 
         def at(i):
             first = 0 if self.window is None else max(0, i - self.window + 1)
-            keys = tn.key_sum(range(first, i + 1), label=f"key<={i}")
+            keys = tn.key_sum(tn.visible_keys(i, first), label=f"key<={i}")  # within i's document
             scores = [tn.head_dot(fq(i), keys(fk), self.n_head, scale=s) for fq, fk, s in factors]
             pattern = tn.mul(*scores, label="pattern") if len(scores) > 1 else scores[0]
             z = tn.head_scale(pattern, keys(v), self.n_head)

@@ -5,7 +5,10 @@ from qtoy_core import Positional
 
 
 class LearnedPositional(Positional):
-    """A learned vector per absolute position (W_pos: n_ctx x d_model) added to the residual stream."""
+    """A learned vector per absolute position (W_pos: n_ctx x d_model) added to the residual stream.
+    With document masking the positions restart at every document (positions (batch, time))."""
+
+    supports_doc_mask = True
 
     def __init__(self, model, config):
         super().__init__()
@@ -21,4 +24,4 @@ class LearnedPositional(Positional):
         if op != "embed":
             return x
         rows = list(self.W_pos.detach())  # one object per position, shared by every copy
-        return x.map(lambda w, t: tn.add_constant(w, rows[t], label="resid"))
+        return x.map(lambda w, t: tn.add_constant(w, rows[tn.position(t)], label="resid"))

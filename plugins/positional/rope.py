@@ -21,14 +21,18 @@ class RoPE(Positional):
         # Not persistent: derived from the config, so checkpoints hold weights only.
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
 
+    supports_doc_mask = True  # positions (batch, time) that restart at every document rotate per row
+
     def angles(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """cos and sin, each (time, d_head), in float32."""
-        freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
+        """cos and sin, each (time, d_head) (or (batch, time, d_head) for per-row positions), in float32."""
+        freqs = positions.to(torch.float32)[..., None] * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos(), emb.sin()
 
     def rotate(self, x: Tensor, positions: Tensor) -> Tensor:
         cos, sin = self.angles(positions)
+        if cos.dim() == 3:  # per-row positions: broadcast over the heads of x (batch, heads, time, d_head)
+            cos, sin = cos[:, None], sin[:, None]
         return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
 
     # -- optional capability: exact tensor network (qtoy_core.analysis.tensor_network) -------------
@@ -44,4 +48,5 @@ class RoPE(Positional):
             raise ValueError(f"rope: a stream of width {x.dim} does not split into heads of {d_head}")
         rots = rotation_matrices(self, range(tn.n_ctx), d_head)
         mats = [torch.block_diag(*[r] * (x.dim // d_head)) for r in rots]  # one object per position
-        return x.map(lambda w, t: tn.linear(w, mats[t], label=w.label))
+        # tn.position(t): t's position in its document (t itself without document masking)
+        return x.map(lambda w, t: tn.linear(w, mats[tn.position(t)], label=w.label))

@@ -201,10 +201,20 @@ class TNBuilder:
     (it prefixes index names and tags tensors); `output_position` tags output ``t``'s subnetwork.
     """
 
-    def __init__(self, n_ctx: int, dtype: Any = np.float64):
+    def __init__(self, n_ctx: int, dtype: Any = np.float64, doc_ids: Sequence[int] | None = None):
         if n_ctx < 1:
             raise ValueError(f"n_ctx must be >= 1, not {n_ctx}")
         self.n_ctx = n_ctx
+        # document masking: the document of every position (None: one document)
+        self.doc_ids: tuple[int, ...] | None = None
+        self._doc_start: list[int] = [0] * n_ctx
+        if doc_ids is not None:
+            docs = [int(d) for d in (doc_ids.tolist() if hasattr(doc_ids, "tolist") else doc_ids)]
+            if len(docs) != n_ctx or any(b < a for a, b in zip(docs, docs[1:])):
+                raise ValueError(f"doc_ids must be {n_ctx} nondecreasing document indices (one per position), "
+                                 f"got {docs}")
+            self.doc_ids = tuple(docs)
+            self._doc_start = [next(j for j in range(t + 1) if docs[j] == docs[t]) for t in range(n_ctx)]
         self.dtype = np.dtype(dtype)
         self._recs: list[_Rec] = []
         self._sizes: dict[str, int] = {}
@@ -496,8 +506,19 @@ class TNBuilder:
         return CausalKeys(self, positions, label)
 
     def causal_keys(self, query: int) -> CausalKeys:
-        """The causal sum over keys ``0..query`` for the query at position ``query``."""
-        return CausalKeys(self, range(query + 1), f"key<={query}")
+        """The causal sum over keys ``0..query`` (those of the query's document, with `doc_ids`)
+        for the query at position ``query``."""
+        return CausalKeys(self, self.visible_keys(query), f"key<={query}")
+
+    def visible_keys(self, query: int, first: int = 0) -> list[int]:
+        """The key positions ``first..query`` the query at ``query`` sees: all of them, or with
+        `doc_ids` those of its own document."""
+        return list(range(max(first, self._doc_start[query]), query + 1))
+
+    def position(self, t: int) -> int:
+        """Position ``t``'s position within its document (``t`` without `doc_ids`): what a
+        positional's network uses, since positions restart at every document."""
+        return t - self._doc_start[t]
 
     # -- streams -------------------------------------------------------------------------------------
     def stream(self, fn: Callable[[int], Wire], dim: int, name: str = "stream") -> Stream:

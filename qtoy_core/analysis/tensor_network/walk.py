@@ -88,7 +88,7 @@ def _np_dtype(model: Any, dtype: Any) -> np.dtype:
 
 
 def to_tensor_network(model: Any, n_ctx: int | None = None, *, dtype: Any = None,
-                      outputs: Iterable[int] | None = None) -> "qtn.TensorNetwork":
+                      outputs: Iterable[int] | None = None, doc_ids: Any = None) -> "qtn.TensorNetwork":
     """The exact tensor network of a polynomial model for sequences of up to ``n_ctx`` tokens.
 
     Open indices: ``tok_in_{t}`` (vocab, one per input position, shared by every embedding copy)
@@ -96,6 +96,12 @@ def to_tensor_network(model: Any, n_ctx: int | None = None, *, dtype: Any = None
     ``dtype`` defaults to the model's (float64 or float32). The network reads the weights as they
     are now (later training does not change it); dropout is ignored (eval behaviour).
     Raises `NotPolynomialError` naming any component without a tensor-network form.
+
+    ``doc_ids`` (n_ctx,) ints, nondecreasing: the documents of the positions (document masking):
+    each query's key sum runs only over keys of its document and positions restart at every
+    document, as in the model's forward with those ``doc_ids``. Which positions start a document
+    is part of the network (it does not follow the input tokens), so a ``doc_mask`` model's network
+    without ``doc_ids`` is the one for inputs that are one document (no separator inside).
     """
     check_polynomial(model)
     config = model.config
@@ -107,7 +113,11 @@ def to_tensor_network(model: Any, n_ctx: int | None = None, *, dtype: Any = None
     outputs = list(range(n_ctx)) if outputs is None else sorted(set(int(t) for t in outputs))
     if any(not 0 <= t < n_ctx for t in outputs):
         raise ValueError(f"outputs must lie in 0..{n_ctx - 1}, got {outputs}")
-    tn = TNBuilder(n_ctx, _np_dtype(model, dtype))
+    if doc_ids is not None and not config.doc_mask:
+        from ...documents import check_doc_mask_support
+
+        check_doc_mask_support(model)  # asked for explicitly: the components must support it
+    tn = TNBuilder(n_ctx, _np_dtype(model, dtype), doc_ids=doc_ids)
     embed = model.embed.weight
     with tn.scope("embed"):
         x = tn.stream(lambda t: tn.embedding(t, embed), config.d_model, "resid")
