@@ -14,7 +14,7 @@ from .options import RegistryChoice, component_options, set_option
 
 # Flags that change what is trained; a resumed run keeps its own.
 FIXED_ON_RESUME = ("model_type", "attention", "mlp", "positional", "norm", "optimizer", "dataset", "data_files",
-                   "tokenizer", "prepared", "d_model", "n_head", "n_ctx", "d_mlp", "batch_size", "grad_accum", "seed")
+                   "tokenizer", "prepared", "doc_mask", "d_model", "n_head", "n_ctx", "d_mlp", "batch_size", "grad_accum", "seed")
 
 
 def default_run_folder(flags: dict) -> Path:
@@ -34,6 +34,9 @@ def default_run_folder(flags: dict) -> Path:
               help="a folder made by `qtoy data prepare`: train from its memory-mapped shards")
 @click.option("--shard-order", "--shard_order", "shard_order", type=click.Choice(["random", "sequential"]),
               default=None, help="with --data: random windows (default) or the packed order")
+@click.option("--doc-mask/--no-doc-mask", "doc_mask", default=None,
+              help="packed rows: attention never crosses a document boundary and positions restart at each "
+                   "document (each document trains as if alone; docs/training.md) [off]")
 @click.option("--callback", "callbacks", type=RegistryChoice("callback"), multiple=True,
               help="training callbacks, e.g. --callback dynamics")
 @click.option("--d-model", "--d_model", "d_model", type=int)

@@ -92,6 +92,15 @@ class RunConfig(BaseModel):
             data = {k: v for k, v in data.items() if k not in ("format", "qtoy_version", "plugins")}
         return data
 
+    @model_validator(mode="after")
+    def _doc_mask_needs_packed_rows(self) -> "RunConfig":
+        if self.model.doc_mask and self.data.mode != "packed":
+            raise ValueError(
+                f"model.doc_mask masks attention at the document boundaries inside packed rows, but data.mode is "
+                f"{self.data.mode!r}: its rows hold one document each (padding marks the rest), so there is no "
+                f"boundary to mask. Drop --doc-mask, or train on packed rows (data.mode packed, the default).")
+        return self
+
     @field_validator("optimizer", mode="before")
     @classmethod
     def _optimizer(cls, value: Any) -> OptimizerConfig:
@@ -145,7 +154,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 # Flat option names (CLI flags) -> their place in the run document.
 FLAT_KEYS = {
     **{k: ("model", k) for k in ("model_type", "d_model", "n_head", "d_head", "n_ctx", "d_mlp", "vocab_size",
-                                 "dropout", "tie_embeddings", "attention", "mlp", "positional", "norm")},
+                                 "dropout", "tie_embeddings", "attention", "mlp", "positional", "norm",
+                                 "doc_mask")},
     **{k: ("train", k) for k in TrainConfig.model_fields},
     "dataset": ("data", "dataset"),
     "mode": ("data", "mode"),

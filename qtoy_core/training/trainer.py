@@ -158,6 +158,8 @@ class Trainer:
             self.train_stream, self.val_stream = self._given_train, self._given_val
             self.tokenizer = self._given_tokenizer
             self.sample_prompts = list(cfg.train.sample_prompts or []) if self.tokenizer is not None else []
+        if cfg.model.doc_mask:
+            cfg = self.config = self._record_document_tokens(cfg)
         self.model = build_model_or_explain(cfg.model, self.device)
         if self.world.is_main:  # weights plus ~2 optimizer moments, for latest, best and the one being written
             weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
@@ -185,6 +187,28 @@ class Trainer:
         if self.tokenizer is not None and self.world.is_main:
             self.tokenizer.save(self.run.path / TOKENIZER_NAME)  # atomic (run_files.write_atomic)
         self._train_iter = self._batches(self.train_stream)
+
+    def _record_document_tokens(self, cfg: RunConfig) -> RunConfig:
+        """With doc_mask: the model config records the tokenizer's separator (and bos), the tokens
+        its forward finds the documents of packed rows by, so eval, generation and analysis of the
+        run mask the same boundaries."""
+        from ..documents import DocMaskError
+
+        model = cfg.model
+        if self.tokenizer is None:
+            if model.doc_separator_id is None:
+                raise DocMaskError("doc_mask needs the token that separates documents, and these batches come "
+                                   "without a tokenizer: set model.doc_separator_id (and doc_bos_id), or pass "
+                                   "the tokenizer to the Trainer.")
+            return cfg
+        found = {"doc_separator_id": self.tokenizer.separator_id, "doc_bos_id": self.tokenizer.bos_id}
+        for name, value in found.items():
+            given = getattr(model, name)
+            if given is not None and given != value:
+                raise DocMaskError(f"model.{name} is {given} but the tokenizer's is {value}: the documents would "
+                                   f"be cut at the wrong tokens. Drop {name} (training records the tokenizer's).")
+        updated = type(model).model_validate({**model.model_dump(), **found})
+        return cfg.model_copy(update={"model": updated})
 
     def _setup_prepared(self) -> None:
         """Train and validation batches from a `qtoy data prepare` folder (memmap), its tokenizer checked."""
