@@ -247,13 +247,15 @@ def _targets(model: nn.Module, target: Any) -> tuple[Tensor | None, str]:
 
 
 @torch.no_grad()
-def logit_attribution(model: nn.Module, tokens: Tensor, target: Any = None, position: int | None = None) -> LogitAttribution:
+def logit_attribution(model: nn.Module, tokens: Tensor, target: Any = None, position: int | None = None, *,
+                      doc_ids: Tensor | None = None) -> LogitAttribution:
     """Split the logits of ``model`` on ``tokens`` into the parts of the residual stream (see the
     module docstring): ``parts.sum(0) == logits``.
 
     tokens: (batch, pos) or (pos,) ids. target: None (every vocabulary logit), a token id, a list of
     ids, or a (batch, pos) tensor of one id per position (e.g. the next tokens). position: None
-    (all) or one position (negative counts from the end), which drops that axis.
+    (all) or one position (negative counts from the end), which drops that axis. doc_ids: each
+    token's document (`ToyTransformer.forward`; a doc_mask model finds them itself).
     """
     tokens = _check_tokens(model, tokens)
     B, T = tokens.shape
@@ -262,7 +264,7 @@ def logit_attribution(model: nn.Module, tokens: Tensor, target: Any = None, posi
     if kind == "per_position" and tuple(ids.shape) != (B, T):
         raise AttributionError(f"a per-position target must have the tokens' shape {(B, T)}, got {tuple(ids.shape)}.")
     n_layers = len(model.blocks)
-    logits, cache = model.run_with_cache(tokens, names_filter=_hook_names(model, n_layers))
+    logits, cache = model.run_with_cache(tokens, names_filter=_hook_names(model, n_layers), doc_ids=doc_ids)
     rp = residual_parts(model, cache, n_layers)
     parts = rp.parts  # (n, B, T, d)
     factor, approximate = _frozen_final_scale(model, _stream(cache, n_layers, n_layers))
@@ -417,15 +419,20 @@ def _einsum_spec(F: int, value: str, tail: str) -> str:
 
 @torch.no_grad()
 def path_expansion(model: nn.Module, tokens: Tensor, layer: int, head: int, *, position: int | None = None,
-                   target: Any = None) -> PathExpansion:
+                   target: Any = None, doc_ids: Tensor | None = None) -> PathExpansion:
     """Head ``head`` of ``layer``'s output split exactly by the sources of its value, query and key
     inputs (module docstring). position: None (every position) or one; target: None (d_model
     vectors), a token id or a list of ids (projected on those logits' unembedding directions, through
-    the frozen final-norm scale if there is one)."""
+    the frozen final-norm scale if there is one). doc_ids: each token's document, as in
+    `ToyTransformer.forward` (a doc_mask model finds them itself): keys of other documents drop out
+    and positions restart per document."""
     tokens = _check_tokens(model, tokens)
     B, T = tokens.shape
     pos = _check_position(position, T)
     n_layers = len(model.blocks)
+    from ..documents import document_positions, documents_for
+
+    docs = documents_for(model, tokens, None, doc_ids)
     if not 0 <= layer < n_layers:
         raise AttributionError(f"layer {layer} is out of range: the model has {n_layers} layer(s).")
     block = model.blocks[layer]
@@ -456,7 +463,7 @@ def path_expansion(model: nn.Module, tokens: Tensor, layer: int, head: int, *, p
         {f"blocks.{i}.attn.hook_pattern" for i in range(layer)}
     if ids is not None:
         names |= _hook_names(model, n_layers)
-    _, cache = model.run_with_cache(tokens, names_filter=names)
+    _, cache = model.run_with_cache(tokens, names_filter=names, doc_ids=docs)
     rp = residual_parts(model, cache, layer)
     X = rp.parts  # (n, B, T, d)
     dtype = X.dtype
@@ -478,14 +485,19 @@ def path_expansion(model: nn.Module, tokens: Tensor, layer: int, head: int, *, p
 
     positions = torch.arange(T)
     positional = model.positional
+    # with documents: per-row positions in each document, and keys of the query's document only
+    rot_positions = positions if docs is None else document_positions(docs, 0, None)
 
     def rotated(view: str) -> Tensor:
         x = project(view)
         n = x.shape[0]
-        return positional.rotate(x.reshape(n * B, 1, T, -1), positions).reshape(n, B, T, -1)
+        at = rot_positions if docs is None else rot_positions.repeat(n, 1)
+        return positional.rotate(x.reshape(n * B, 1, T, -1), at).reshape(n, B, T, -1)
 
     query_pos = positions if pos is None else positions[pos:pos + 1]
     causal = (positions[None, :] <= query_pos[:, None]).to(dtype)  # (P, T)
+    if docs is not None:  # (B, P, T): broadcasts over the query-source and key-source axes
+        causal = causal * (docs[:, query_pos, None] == docs[:, None, :]).to(dtype)
     scores = []
     for qv, kv, s in factors:
         q = rotated(qv)[:, :, query_pos]  # (n, B, P, d_head)
