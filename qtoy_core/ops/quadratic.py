@@ -605,6 +605,9 @@ def _chunked_docs(q, k, v, scale, q2, k2, c: int, state: Tensor | None, doc: Ten
         z = q.new_zeros(b, h, 0, v.shape[-1]) + 0 * sum(x.sum() for x in (q, k, v, q2, k2) if x is not None)
         return z, None if state is None else state.transpose(-1, -2)
     n = -(-tk // c)
+    if n == 1 and state is None and not need_state:  # one chunk, nothing carried: the masked exact form
+        return _plain(q * scale, k, v, 1.0, None if q2 is None else q2 * scale, k2,
+                      docs=(doc[:, None, prefix:], doc[:, None])), None
     pad_end = n * c - tk
     # padded keys have zero keys and values (they add nothing) and the last key's document (so a
     # chunk's last position is in the document of its last real key)
