@@ -503,11 +503,17 @@ def _common(q, k, v, q2, k2, doc):
     q2_, k2_ = (q, k) if q2 is None else (q2, k2)
     doc_ = doc if doc is not None else k  # any pointer: unread without HAS_DOC
     strides = [*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *q2_.stride()[:3], *k2_.stride()[:3]]
-    fp32_precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 and q.is_cuda else "ieee"
+    interpreted = _interpreted()
+    if q.dtype == torch.float32:  # torch's rule for its own fp32 matmuls
+        precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 and q.is_cuda and not interpreted else "ieee"
+    elif q.dtype in (torch.float16, torch.bfloat16) and not interpreted:
+        precision = "tf32"  # Triton's default: for half-precision operands it names the tensor-core path
+    else:  # float64, and the interpreter's widened bf16 operands: exact fp32/fp64 products
+        precision = "ieee"
     consts = dict(D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BILINEAR=q2 is not None, HAS_DOC=doc is not None,
-                  PRECISION=fp32_precision if q.dtype == torch.float32 else "ieee",
+                  PRECISION=precision,
                   ACC=tl.float64 if q.dtype == torch.float64 else tl.float32,
-                  WIDEN=q.dtype == torch.bfloat16 and _interpreted())
+                  WIDEN=q.dtype == torch.bfloat16 and interpreted)
     sizes = (h, tq, tk)
     bucket = triton.next_power_of_2(max(tq, tk, 1))
     return b, h, tq, tk, d, q2_, k2_, doc_, strides, consts, sizes, bucket
