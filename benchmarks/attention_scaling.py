@@ -5,6 +5,10 @@ Times forward + backward of ``qtoy_core.ops.quadratic.quadratic_attention`` with
 and ``impl="chunked"`` for a range of sequence lengths, head sizes and dtypes. Runs of the two
 implementations alternate (so background load hits both alike) and the median is reported, with the
 ratio plain/chunked and, per (dtype, d_head) setting, the crossover length from which chunked wins.
+``--impl`` picks the implementations: also ``fused`` (the Triton kernel, CUDA; on CPU only under
+TRITON_INTERPRET=1, for checking the plumbing) and ``sdpa`` (softmax attention, torch's
+``scaled_dot_product_attention(is_causal=True)`` on the same q, k, v), with each one's speed against
+SDPA. ``--device cuda`` runs everything on the GPU (timed with synchronisation).
 
 Also reports the forward accuracy of each implementation against a float64 reference (the chunked
 form in float64, which the tests show equals the plain one to 1e-10 relative), which matters for bf16.
@@ -17,6 +21,8 @@ Examples::
     python benchmarks/attention_scaling.py --compare-carry # matmul vs cumsum vs loop state carry
     python benchmarks/attention_scaling.py --bilinear      # the bilinear form (D^2 features)
     python benchmarks/attention_scaling.py --blocks        # plain form: query rows per block, vs SDPA
+    python benchmarks/attention_scaling.py --device cuda --impl plain chunked fused sdpa --d 64 --dtypes bf16 \
+        --T 256 512 1024 2048 4096 8192 16384 --no-accuracy   # the GPU check's sweep
 
 On a machine whose cores are shared with other jobs, run with ``OMP_WAIT_POLICY=PASSIVE`` (or
 ``--threads 1 --timer cpu``): the chunked form runs many more (smaller) kernels than the plain one, and
@@ -42,6 +48,17 @@ import torch
 from qtoy_core.ops import quadratic as qa
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+#: what --impl can name: quadratic_attention's forms, the state-carry variants, the textbook plain form,
+#: and softmax SDPA
+IMPL_CHOICES = ("plain", "chunked", "fused", "sdpa", "chunked-cumsum", "chunked-loop", "plain-autograd")
+# where the inputs live and the kernels run (--device), set once in main()
+DEVICE = torch.device("cpu")
+
+
+def sync() -> None:
+    """Wait for queued GPU work (a no-op on CPU), so that the timers measure it."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 # (T, T)-sized memory of the plain form's forward+backward, in units of one full (T, T) tensor, used to
 # decide when plain is skipped for memory: the blocked kernel keeps the scores and the pattern of
 # the lower triangle (~2 x T^2 / 2; 3 x with the bilinear second scores, counted by the x2 below);
@@ -50,6 +67,8 @@ PLAIN_TT_TENSORS = {"plain": 1.5, "plain-autograd": 6}
 
 
 def mem_available_gb() -> float | None:
+    if DEVICE.type == "cuda":
+        return torch.cuda.mem_get_info(DEVICE)[0] / 2**30
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -68,11 +87,13 @@ def make_inputs(batch, heads, t, d, dtype, bf16_mode, bilinear, seed=0):
     g = torch.Generator().manual_seed(seed)
     store = torch.float32 if (dtype == torch.bfloat16 and bf16_mode == "autocast") else dtype
     n = 5 if bilinear else 3
-    xs = [torch.randn(batch, heads, t, d, generator=g).to(store).requires_grad_() for _ in range(n)]
+    xs = [torch.randn(batch, heads, t, d, generator=g).to(DEVICE, store).requires_grad_() for _ in range(n)]
     return xs
 
 
 def attend(impl, q, k, v, scale, q2, k2, chunk_size):
+    if impl == "sdpa":  # softmax attention on the same q, k, v (its own 1/sqrt(d) scale)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
     if impl == "plain-autograd":  # the plain form as autograd ops over the full square
         return qa.quadratic_attention(q, k, v, scale=scale, q2=q2, k2=k2, impl="autograd")
     if impl.startswith("chunked-"):  # state-carry variants of the chunked form
@@ -90,10 +111,12 @@ def run_once(impl, xs, scale, dtype, bf16_mode, chunk_size, timer=time.perf_coun
     q, k, v = xs[:3]
     q2, k2 = (xs[3], xs[4]) if len(xs) == 5 else (None, None)
     autocast = dtype == torch.bfloat16 and bf16_mode == "autocast"
+    sync()
     t0 = timer()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=autocast):
         z = attend(impl, q, k, v, scale, q2, k2, chunk_size)
     z.float().sum().backward()
+    sync()
     return timer() - t0
 
 
@@ -114,9 +137,9 @@ def accuracy(xs, scale, dtype, bf16_mode, chunk_size, impls, max_plain_t):
         q, k, v = xd[:3]
         q2, k2 = (xd[3], xd[4]) if len(xd) == 5 else (None, None)
         for impl in impls:
-            if impl in PLAIN_TT_TENSORS and q.shape[-2] > max_plain_t:
-                continue
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if impl == "sdpa" or (impl in PLAIN_TT_TENSORS and q.shape[-2] > max_plain_t):
+                continue  # (softmax is another function: no accuracy against the quadratic reference)
+            with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=autocast):
                 z = attend(impl, q, k, v, scale, q2, k2, chunk_size)
             out[impl] = rel_err(z, ref)
         return out
@@ -237,6 +260,10 @@ def main(argv=None) -> int:
                         "descheduled: use it with --threads 1 when other jobs share the cores (--quick "
                         "switches to both by itself when the load average exceeds the cpu count)")
     p.add_argument("--no-accuracy", action="store_true", help="skip the float64 accuracy check")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the inputs and kernels live")
+    p.add_argument("--impl", nargs="+", choices=IMPL_CHOICES, default=None,
+                   help="implementations to time (default: plain chunked, plus what --compare-carry / --textbook "
+                        "add); fused needs CUDA (or TRITON_INTERPRET=1 on CPU, slow), sdpa is softmax attention")
     p.add_argument("--quick", action="store_true", help="small sweep that finishes in under a minute")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout (nothing else)")
     p.add_argument("--textbook", action="store_true",
@@ -247,6 +274,12 @@ def main(argv=None) -> int:
                         "(default T 256 512 1024, batch * T = 4096)")
     machine.add_malloc_option(p)
     args = p.parse_args(argv)
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device here (torch.cuda.is_available() is False)")
+    if args.blocks and DEVICE.type == "cuda":
+        raise SystemExit("--blocks measures the CPU blocked kernel's rows per block: run it without --device cuda")
     malloc_kept = machine.apply_malloc(args.malloc)
     args.batch_given = args.batch if "--batch" in (argv if argv is not None else sys.argv) else None
     if args.blocks and "--T" not in (argv if argv is not None else sys.argv):
@@ -268,8 +301,28 @@ def main(argv=None) -> int:
 
     timer = TIMERS[args.timer]
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    impls = (["plain", "chunked"] + (["chunked-cumsum", "chunked-loop"] if args.compare_carry else [])
-             + (["plain-autograd"] if args.textbook else []))
+    impls = args.impl or (["plain", "chunked"] + (["chunked-cumsum", "chunked-loop"] if args.compare_carry else [])
+                          + (["plain-autograd"] if args.textbook else []))
+    impls = list(dict.fromkeys(impls))
+    skipped_impls = {}
+    if "fused" in impls:
+        from qtoy_core.ops import fused_quadratic
+
+        if not fused_quadratic.fused_available():
+            skipped_impls["fused"] = "Triton is not installed"
+        elif DEVICE.type != "cuda" and not fused_quadratic._interpreted():
+            skipped_impls["fused"] = "CPU without TRITON_INTERPRET=1"
+    if "sdpa" in impls and args.bilinear:
+        skipped_impls["sdpa"] = "--bilinear (softmax attention has one q/k pair; the sdpa column would time it anyway)"
+        impls.remove("sdpa")
+    interpreted_note = None
+    if "fused" in impls and DEVICE.type != "cuda":
+        interpreted_note = "fused ran under Triton's interpreter (CPU): its times say nothing about the kernel's speed"
+        log(interpreted_note)
+    for name, why in skipped_impls.items():
+        log(f"{name} skipped: {why}")
+        if name in impls:
+            impls.remove(name)
     results = []
     started = time.perf_counter()
     if args.blocks:
@@ -321,25 +374,34 @@ def main(argv=None) -> int:
                 for i in impls:
                     row[f"{i}_s"] = statistics.median(times[i]) if times.get(i) else None
                 row["plain_skipped"] = skipped
-                row["ratio"] = (row["plain_s"] / row["chunked_s"]) if row["plain_s"] else None
+                row["ratio"] = (row["plain_s"] / row["chunked_s"]) if row.get("plain_s") and row.get("chunked_s") else None
+                if row.get("sdpa_s"):  # > 1: faster than softmax SDPA
+                    row["sdpa_over"] = {i: row["sdpa_s"] / row[f"{i}_s"] for i in impls
+                                        if i != "sdpa" and row.get(f"{i}_s")}
                 if not args.no_accuracy:
                     row["rel_err"] = accuracy(xs, scale, dtype, args.bf16_mode, args.chunk_size, impls,
                                               max_plain_t=t if not skipped else 0)
                 for plain in PLAIN_TT_TENSORS:
                     if row.get(f"{plain}_s") and row[f"{plain}_s"] > args.max_plain_s:
                         plain_too_slow.add(plain)
-                if row.get("plain-autograd_s") and row["chunked_s"]:
+                if row.get("plain-autograd_s") and row.get("chunked_s"):
                     row["ratio_vs_textbook"] = row["plain-autograd_s"] / row["chunked_s"]
                 rows.append(row)
                 log(f"[{time.perf_counter() - started:6.1f}s] {dname} d={d} T={t}: "
-                    + ", ".join(f"{i}={row[f'{i}_s']:.4f}s" for i in impls if row[f"{i}_s"] is not None)
-                    + (f", ratio={row['ratio']:.2f}" if row["ratio"] else f" (plain skipped: {skipped})"))
+                    + ", ".join(f"{i}={row[f'{i}_s']:.5f}s" for i in impls if row[f"{i}_s"] is not None)
+                    + (f", ratio={row['ratio']:.2f}" if row["ratio"] else "")
+                    + (f" (plain skipped: {skipped})" if skipped else ""))
                 del xs
             first, est = crossover(rows)
             results.append({"dtype": dname, "d_head": d, "rows": rows, "crossover_T": first, "crossover_T_interp": est})
 
     meta = {
         "machine": machine.describe(),
+        "device": str(DEVICE),
+        "gpu": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else None,
+        "impls": impls,
+        "skipped_impls": skipped_impls,
+        "note": interpreted_note,
         "malloc": args.malloc,
         "malloc_kept_block_bytes": malloc_kept,
         "torch": torch.__version__,
@@ -370,37 +432,48 @@ def _fmt_s(x):
 
 
 def print_table(results, meta, impls) -> None:
-    header = ["dtype", "d_head", "T", "plain", "chunked", "plain/chunked"]
-    extra = [i for i in impls if i.startswith("chunked-") or i == "plain-autograd"]
-    header += extra
-    if "plain-autograd" in impls:
+    both = "plain" in impls and "chunked" in impls
+    header = ["dtype", "d_head", "T", *impls] + (["plain/chunked"] if both else [])
+    if "plain-autograd" in impls and "chunked" in impls:
         header += ["plain-autograd/chunked"]
+    vs_sdpa = [i for i in impls if i != "sdpa"] if "sdpa" in impls else []
+    header += [f"sdpa/{i}" for i in vs_sdpa]
     have_err = any("rel_err" in r for s in results for r in s["rows"])
+    err_impls = [i for i in impls if i != "sdpa"]
     if have_err:
-        header += ["err plain", "err chunked"]
+        header += [f"err {i}" for i in err_impls]
     header += ["note"]
     body = []
     for s in results:
         for r in s["rows"]:
-            line = [r["dtype"], str(r["d_head"]), str(r["T"]), _fmt_s(r["plain_s"]), _fmt_s(r["chunked_s"]),
-                    "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"]
-            line += [_fmt_s(r[f"{i}_s"]) for i in extra]
-            if "plain-autograd" in impls:
+            line = [r["dtype"], str(r["d_head"]), str(r["T"])] + [_fmt_s(r.get(f"{i}_s")) for i in impls]
+            if both:
+                line += ["-" if r["ratio"] is None else f"{r['ratio']:.2f}x"]
+            if "plain-autograd" in impls and "chunked" in impls:
                 line += ["-" if r.get("ratio_vs_textbook") is None else f"{r['ratio_vs_textbook']:.2f}x"]
+            over = r.get("sdpa_over", {})
+            line += [f"{over[i]:.2f}x" if i in over else "-" for i in vs_sdpa]
             if have_err:
                 e = r.get("rel_err", {})
-                line += [f"{e['plain']:.1e}" if "plain" in e else "-", f"{e['chunked']:.1e}" if "chunked" in e else "-"]
+                line += [f"{e[i]:.1e}" if i in e else "-" for i in err_impls]
             line += [f"plain skipped ({r['plain_skipped']})" if r["plain_skipped"] else ""]
             body.append(line)
     cross = [f"{s['dtype']} d_head={s['d_head']}: chunked faster from T={s['crossover_T']}"
              + (f" (interpolated ~{s['crossover_T_interp']:.0f})" if s["crossover_T_interp"] else "")
-             for s in results]
+             for s in results] if both else []
+    notes = [f"{name} not timed: {why}" for name, why in meta.get("skipped_impls", {}).items()]
+    notes += [meta["note"]] if meta.get("note") else []
+    if vs_sdpa:
+        notes.append("sdpa/X > 1: X is faster than softmax SDPA (causal) on the same q, k, v")
+    where = f"device {meta['gpu']}" if meta.get("gpu") else f"{meta['threads']} threads"
     title = (f"causal quadratic attention, forward+backward, batch {meta['batch']}, {meta['heads']} heads, "
-             f"chunk {meta['chunk_size']}, {meta['threads']} threads, median {meta['timer']} time of {meta['repeats']}, "
+             f"chunk {meta['chunk_size']}, {where}, median {meta['timer']} time of {meta['repeats']}, "
              f"load avg {meta['loadavg_1min_before_after'][0]:.1f}->{meta['loadavg_1min_before_after'][1]:.1f} "
              f"on {meta['cpu_count']} cpus"
              + (f", OMP_WAIT_POLICY={meta['OMP_WAIT_POLICY']}" if meta["OMP_WAIT_POLICY"] else "")
              + (", bilinear" if meta["bilinear"] else ""))
+    machine_line = (f"machine: {machine.one_line(meta['machine'])}; malloc: {meta['malloc']}"
+                    + (f"; GPU: {meta['gpu']}" if meta.get("gpu") else ""))
     try:
         from rich.console import Console
         from rich.table import Table
@@ -410,19 +483,19 @@ def print_table(results, meta, impls) -> None:
             table.add_column(h, justify="left" if h in ("dtype", "note") else "right")
         for line in body:
             table.add_row(*line)
-        console = Console(width=None if sys.stdout.isatty() else 200)  # (piped: no 80-column wrap)
+        console = Console(width=None if sys.stdout.isatty() else 220)  # (piped: no 80-column wrap)
         console.print(table)
-        console.print(f"machine: {machine.one_line(meta['machine'])}; malloc: {meta['malloc']}")
-        for c in cross:
+        console.print(machine_line)
+        for c in cross + notes:
             console.print(c)
     except ImportError:  # plain-text fallback
         print(title)
-        print(f"machine: {machine.one_line(meta['machine'])}; malloc: {meta['malloc']}")
+        print(machine_line)
         widths = [max(len(h), *(len(l[i]) for l in body)) for i, h in enumerate(header)]
         print("  ".join(h.rjust(w) for h, w in zip(header, widths)))
         for line in body:
             print("  ".join(c.rjust(w) for c, w in zip(line, widths)))
-        for c in cross:
+        for c in cross + notes:
             print(c)
 
 

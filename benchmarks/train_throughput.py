@@ -26,6 +26,13 @@ precision ``auto`` picks there.
     python benchmarks/train_throughput.py --bf16 on   # bf16 variants even where bf16 is emulated (slow)
     python benchmarks/train_throughput.py --json      # one JSON object on stdout (ratios included)
     python benchmarks/train_throughput.py --malloc system  # glibc's malloc defaults, as a plain script
+    python benchmarks/train_throughput.py --device cuda --models transformer_2L --shapes large \
+        --shape n_ctx=1024 --sweep batch=32,64,128 --impls qtoy,sdpa --modes bf16,bf16+compile
+                                                         # the GPU check: MFU per batch size
+
+On CUDA, MFU is also given against the card's datasheet dense bf16 peak, looked up by device name
+(``CARD_BF16_TFLOPS``; the line ``bf16 peak used`` says which entry matched, or that none did and
+the measured matmul peak stands in).
 
 Host memory: by default the whole run keeps freed memory for reuse, as the ``qtoy`` command does
 (qtoy_core.host_memory), so the reference gets it too and the comparison is of the steps alone.
@@ -59,6 +66,32 @@ SHAPES = {
     "large": dict(vocab_size=4096, d_model=512, n_head=8, n_ctx=512, batch=8),
 }
 DEFAULT_RUN_STEPS = 600  # TrainConfig's default max_iters: what `qtoy train` decides compilation for
+MODES = ("fp32", "bf16", "bf16+compile", "fp32+compile")
+
+#: datasheet dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, matched in this order against
+#: torch.cuda.get_device_name() (first substring that occurs): the SXM parts' figures unless named
+CARD_BF16_TFLOPS = (
+    ("B200", 2250.0),
+    ("H200 NVL", 835.0),
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("L40", 181.0),
+    ("L4", 121.0),
+)
+
+
+def card_bf16_peak(device_name: str | None) -> tuple[str, float] | None:
+    """(matched entry, dense bf16 GFLOP/s) for a GPU name, None when the table has no entry for it."""
+    if not device_name:
+        return None
+    for key, tflops in CARD_BF16_TFLOPS:
+        if key.lower() in device_name.lower():
+            return key, tflops * 1000.0
+    return None
 
 
 def log(*args) -> None:
@@ -292,8 +325,8 @@ def token_stream(shape, n=8, seed=0):
     return itertools.cycle(pool)
 
 
-def bench_model(model_type, shape_name, variants, *, repeats, steps, warmup, peaks) -> dict:
-    shape = SHAPES[shape_name]
+def bench_model(model_type, shape_name, variants, *, repeats, steps, warmup, peaks, shape=None) -> dict:
+    shape = shape or SHAPES[shape_name]
     tokens_per_step = shape["batch"] * shape["n_ctx"]
     built = {}
     for impl, precision, compiled in variants:
@@ -338,10 +371,12 @@ def bench_model(model_type, shape_name, variants, *, repeats, steps, warmup, pea
         rows[key] = {"step_s": round(s, 4), "tokens_per_s": round(tps), "gflops": round(tps * fpt / 1e9, 1),
                      "mfu_fp32_peak": round(tps * fpt / 1e9 / peaks["fp32"], 3),
                      "mfu_bf16_peak": round(tps * fpt / 1e9 / peaks["bf16"], 3),
+                     "mfu_card_bf16_peak": round(tps * fpt / 1e9 / peaks["card_bf16"], 3) if peaks.get("card_bf16") else None,
                      "spread": round((max(ts) - min(ts)) / s, 2),
                      # pages faulted in (and zeroed by the kernel) per step: fresh memory for its tensors
                      "page_faults_per_step": round(faults[key] / (repeats * steps))}
-    out = {"model_type": model_type, "shape": shape_name, **shape, "flops_per_token": fpt, "variants": rows, **check}
+    out = {"model_type": model_type, "shape": shape_name, **shape, "tokens_per_step": tokens_per_step,
+           "flops_per_token": fpt, "variants": rows, **check}
     # what `qtoy train` does by itself for a default-length run
     from qtoy_core.training.precision import cpu_supports_fast_bf16
     from qtoy_core.training.trainer import should_compile
@@ -400,6 +435,11 @@ def main(argv=None) -> None:
                         "(AVX512-BF16/AMX CPUs, bf16 GPUs): emulated, one --quick run would take > 15 min")
     p.add_argument("--shape", default=None, metavar="KEY=VALUE,...",
                    help="override the shape(s) measured, e.g. d_model=512,n_head=8,n_ctx=512,batch=64")
+    p.add_argument("--sweep", default=None, metavar="KEY=V1,V2,...",
+                   help="measure each shape once per value of one of its keys, e.g. batch=32,64,128 (the batch that "
+                        "fills the card), reporting tokens/s and MFU per configuration")
+    p.add_argument("--modes", default=None,
+                   help=f"comma-separated subset of {','.join(MODES)}: the precision / compile variants to time")
     machine.add_malloc_option(p)
     args = p.parse_args(argv)
     malloc_kept = machine.apply_malloc(args.malloc)
@@ -414,6 +454,15 @@ def main(argv=None) -> None:
     if args.shape:
         for name in SHAPES:
             SHAPES[name] = {**SHAPES[name], **{k: int(v) for k, v in (kv.split("=") for kv in args.shape.split(","))}}
+    sweep_key, sweep_values = None, [None]
+    if args.sweep:
+        sweep_key, _, values = args.sweep.partition("=")
+        if sweep_key not in SHAPES["base"] or not values:
+            raise SystemExit(f"--sweep {args.sweep!r}: give KEY=V1,V2,... with KEY one of {', '.join(SHAPES['base'])}")
+        sweep_values = [int(v) for v in values.split(",")]
+    modes = args.modes.split(",") if args.modes else None
+    if modes and not set(modes) <= set(MODES):
+        raise SystemExit(f"--modes {args.modes!r}: choose from {', '.join(MODES)}")
     quick = args.quick
     models = args.models.split(",") if args.models else (["attention_only_1L", "transformer_2L"] if quick else list(MODEL_TYPES))
     shapes = args.shapes.split(",") if args.shapes else (["base"] if quick else ["base", "large"])
@@ -436,6 +485,10 @@ def main(argv=None) -> None:
     log("measuring matmul peaks ...")
     peaks = measure_peaks(quick, bf16_emulated=emulated)
     meta["peak_gflops_start"] = dict(peaks)
+    card = card_bf16_peak(meta["gpu"])
+    if card:
+        peaks["card_bf16"] = card[1]
+    meta["card_bf16_peak"] = {"matched": card[0], "gflops": card[1]} if card else None
 
     results = []
     for shape_name in shapes:
@@ -454,17 +507,28 @@ def main(argv=None) -> None:
                 variants += [("qtoy", fast, True), ("ref", fast, True), ("sdpa", fast, True)]
                 if not quick and shape_name == "base":
                     variants.append(("qtoy_softmax", fast, True))
+            if modes:
+                want = {(m.split("+")[0], m.endswith("+compile")) for m in modes}
+                variants += [(impl, prec, True) for impl in ("qtoy", "ref", "sdpa") for prec, c in want
+                             if c and (impl, prec, True) not in variants and (prec != "bf16" or with_bf16)]
+                variants = [v for v in variants if (v[1], v[2]) in want]
             if args.impls:
                 variants = [v for v in variants if v[0] in args.impls.split(",")]
             if args.compile_models and model_type not in args.compile_models.split(","):
                 variants = [v for v in variants if not v[2]]
-            log(f"{model_type} ({shape_name})")
-            results.append(bench_model(model_type, shape_name, variants, repeats=repeats, steps=steps,
-                                       warmup=warmup, peaks=peaks))
+            for value in sweep_values:
+                shape = SHAPES[shape_name] if value is None else {**SHAPES[shape_name], sweep_key: value}
+                label = shape_name if value is None else f"{shape_name}, {sweep_key}={value}"
+                log(f"{model_type} ({label})")
+                results.append(bench_model(model_type, label, variants, repeats=repeats, steps=steps,
+                                           warmup=warmup, peaks=peaks, shape=shape))
+                for key, row in results[-1]["variants"].items():  # now, in case a time limit cuts the run
+                    log(f"    {key}: {row['tokens_per_s']:,} tokens/s, MFU bf16 (measured peak) {row['mfu_bf16_peak']:.1%}"
+                        + (f", MFU card {row['mfu_card_bf16_peak']:.1%}" if row.get("mfu_card_bf16_peak") else ""))
     # the peak again at the end (the best of both counts; MFU rows were computed with the first)
     end_peaks = measure_peaks(quick, bf16_emulated=emulated)
     meta["peak_gflops_end"] = end_peaks
-    for k in peaks:
+    for k in end_peaks:
         peaks[k] = max(peaks[k], end_peaks[k])
     meta["peak_gflops"] = peaks
     for r in results:
@@ -485,6 +549,12 @@ def main(argv=None) -> None:
              if meta["malloc_kept_block_bytes"] else ""))
     print(f"matmul peak (best of start and end): fp32 {peaks['fp32']} GFLOP/s, bf16 {peaks['bf16']} GFLOP/s"
           + (" (bf16 emulated: measured at n=256 only; MFU bf16 is against that)" if emulated else ""))
+    if DEVICE.type == "cuda":
+        card = meta["card_bf16_peak"]
+        print(f"bf16 peak used: {meta['gpu']}: " + (
+            f"datasheet dense bf16 {card['gflops'] / 1000:.0f} TFLOP/s (table entry {card['matched']!r}), column MFU card"
+            if card else f"no datasheet entry for this card in CARD_BF16_TFLOPS: MFU against the measured bf16 "
+                         f"matmul peak {peaks['bf16'] / 1000:.0f} TFLOP/s only"))
     if not with_bf16:
         print(f"bf16 variants skipped: bf16 matmuls are emulated here ({meta['torch_cpu_capability']}, no "
               f"AVX512-BF16 or AMX), {peaks['fp32'] / max(peaks['bf16'], 1e-9):.0f}x slower than fp32; --bf16 on "
@@ -494,12 +564,14 @@ def main(argv=None) -> None:
               f"{r['n_head']} heads, n_ctx {r['n_ctx']}, batch {r['batch']}]"
               + (f"  ref-vs-qtoy max |dlogit| {r['ref_vs_qtoy_max_abs_logit_diff']:.1e}"
                  if "ref_vs_qtoy_max_abs_logit_diff" in r else ""))
-        print(f"  {'variant':<24}{'tokens/s':>10}{'step s':>9}{'GFLOP/s':>9}{'MFU fp32':>9}{'MFU bf16':>9}{'spread':>8}"
-              f"{'faults/step':>12}")
+        card_col = any(row.get("mfu_card_bf16_peak") is not None for row in r["variants"].values())
+        print(f"  {'variant':<24}{'tokens/s':>11}{'step s':>9}{'GFLOP/s':>10}{'MFU fp32':>9}{'MFU bf16':>9}"
+              + (f"{'MFU card':>9}" if card_col else "") + f"{'spread':>8}{'faults/step':>12}")
         for key, row in r["variants"].items():
-            print(f"  {key:<24}{row['tokens_per_s']:>10,}{row['step_s']:>9.3f}{row['gflops']:>9.0f}"
-                  f"{row['mfu_fp32_peak']:>9.0%}{row['mfu_bf16_peak']:>9.1%}{row['spread']:>8.2f}"
-                  f"{row['page_faults_per_step']:>12,}")
+            print(f"  {key:<24}{row['tokens_per_s']:>11,}{row['step_s']:>9.4f}{row['gflops']:>10.0f}"
+                  f"{row['mfu_fp32_peak']:>9.0%}{row['mfu_bf16_peak']:>9.1%}"
+                  + (f"{row['mfu_card_bf16_peak']:>9.1%}" if card_col else "")
+                  + f"{row['spread']:>8.2f}{row['page_faults_per_step']:>12,}")
         if "default" in r:
             d = r["default"]
             print(f"  default path (600-step run): {d['variant']}"

@@ -12,8 +12,9 @@ class _QKProductConfig(AttentionConfig):
     bias: bool = False
     # plain: materialise the (T, T) pattern (blocked kernel); chunked: the linear-time form; auto:
     # whichever is faster for the sequence length (measured crossover, see qtoy_core.ops.quadratic);
-    # autograd: the plain form as plain tensor ops (slower; for experiments on the kernel itself)
-    impl: Literal["auto", "plain", "chunked", "autograd"] = "auto"
+    # fused: the Triton kernel (CUDA; auto picks it there); autograd: the plain form as plain tensor
+    # ops (slower; for experiments on the kernel itself)
+    impl: Literal["auto", "plain", "chunked", "fused", "autograd"] = "auto"
 
     @property
     def is_polynomial(self) -> bool:

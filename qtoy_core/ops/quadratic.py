@@ -9,7 +9,7 @@ Quadratic attention replaces the softmax of ordinary attention by a square::
 Bilinear attention uses two query/key pairs, ``pattern = ((q1.k1)*scale) * ((q2.k2)*scale)``;
 quadratic attention is the special case ``q1 = q2, k1 = k2``.
 
-Two equivalent implementations:
+Three equivalent implementations:
 
 * ``plain``: materialises the (Tq, Tk) pattern, in blocks of query rows that skip the zero upper
   triangle (:class:`_CausalBlocked`). Cost O(Tq Tk D), memory O(Tq Tk).
@@ -21,6 +21,8 @@ Two equivalent implementations:
   state ``S = sum_j phi(k_j) v_j^T`` of shape (B, H, F, D). Cost O(T (F D + C D)), memory
   O(T F + (T/C) F D); it never builds a (T, T) tensor. For the bilinear form ``phi(q1, q2) = q1 (x) q2``
   (``D^2`` features, no symmetry to exploit).
+* ``fused`` (CUDA, Triton): the plain form's maths in one flash-style kernel that never writes the
+  pattern to memory (:mod:`qtoy_core.ops.fused_quadratic`).
 
 The running state is accumulated in float32 when the inputs are bfloat16/float16 (and in the input
 dtype otherwise), so long prefixes do not lose the small late contributions to bf16 rounding.
@@ -732,6 +734,14 @@ def _use_chunked(tq: int, tk: int, d: int, bilinear: bool) -> bool:
     return effective >= _crossover_t(f_dim)
 
 
+def _fused_fits(q, k, v, q2, k2) -> bool:
+    """``impl="auto"`` on CUDA: whether the fused kernel takes these inputs (Triton present, dtype,
+    head size; see :func:`qtoy_core.ops.fused_quadratic.fused_supports`)."""
+    from .fused_quadratic import fused_supports
+
+    return fused_supports(q, k, v, q2, k2)
+
+
 def quadratic_attention(
     q: Tensor,
     k: Tensor,
@@ -755,8 +765,12 @@ def quadratic_attention(
         q2, k2: second query/key pair (same shapes as q/k): bilinear pattern
             ``((q.k)*scale) * ((q2.k2)*scale)``.
         key_mask: optional (B, Tk) bool or 0/1; False/0 marks a padding key that contributes nothing.
-        impl: ``"plain"`` (materialise the pattern, blocked kernel), ``"chunked"`` (linear time), or
-            ``"auto"``: chunked once the effective length ``2*Tq*Tk/(Tq+Tk)`` (T for self-attention)
+        impl: ``"plain"`` (materialise the pattern, blocked kernel), ``"chunked"`` (linear time),
+            ``"fused"`` (the Triton kernel of :mod:`qtoy_core.ops.fused_quadratic`: CUDA tensors, or
+            CPU ones under ``TRITON_INTERPRET=1``), or ``"auto"``: on CUDA the fused kernel wherever
+            Triton imports and it takes the inputs (fp16/bf16/fp32, d_head <= 128; a rule from the
+            design, not yet measured: it awaits the GPU figures of benchmarks/gpu_check.sh); else
+            chunked once the effective length ``2*Tq*Tk/(Tq+Tk)`` (T for self-attention)
             reaches the crossover measured for this feature dimension (:data:`CHUNKED_FROM_T`), plain
             otherwise and whenever F > :data:`MAX_CHUNKED_FEATURES`. ``"autograd"``: the plain form
             as tensor ops over the full square, slower. All forms support ``create_graph=True``
@@ -780,7 +794,14 @@ def quadratic_attention(
         doc_ids = _check_doc_ids(doc_ids, k)
         docs = (doc_ids[:, None, tk - tq:], doc_ids[:, None])  # broadcast over heads
     if impl == "auto":
-        impl = "chunked" if _use_chunked(tq, tk, d, q2 is not None) else "plain"
+        if q.is_cuda and _fused_fits(q, k, v, q2, k2):
+            impl = "fused"
+        else:
+            impl = "chunked" if _use_chunked(tq, tk, d, q2 is not None) else "plain"
+    if impl == "fused":
+        from .fused_quadratic import fused_quadratic_attention  # imports Triton: only when asked for
+
+        return fused_quadratic_attention(q, k, v, scale=scale, q2=q2, k2=k2, doc_ids=doc_ids)
     if impl == "plain":
         return _plain(q, k, v, scale, q2, k2, docs)
     if impl == "autograd":
@@ -791,7 +812,7 @@ def quadratic_attention(
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         z, _ = _chunked(q, k, v, scale, q2, k2, c, doc=doc_ids)
         return z
-    raise ValueError(f"impl must be 'auto', 'plain', 'chunked' or 'autograd', got {impl!r}")
+    raise ValueError(f"impl must be 'auto', 'plain', 'chunked', 'fused' or 'autograd', got {impl!r}")
 
 
 # ---------------------------------------------------------------------------------------------
