@@ -43,16 +43,11 @@ def validation_batches(run: str | Path, *, n_batches: int = 4, batch_size: int =
     """(a fixed list of validation Batches with document positions, the dataset) from the run's own
     dataset and tokenizer; every checkpoint is measured on the same batches."""
     from ..checkpoint import read_document
-    from ..data import StreamingTextDataset, build_dataset
-    from ..data.config import DataConfig
+    from ..data import StreamingTextDataset
+    from ..run_files import load_run_dataset
 
     doc = read_document(run)
-    data = DataConfig.model_validate(doc.get("data", {}))
-    ds = data.dataset.model_dump()
-    if (Path(run) / "tokenizer.json").exists():
-        ds["tokenizer"] = str(Path(run) / "tokenizer.json")
-    data = DataConfig.model_validate({**data.model_dump(), "dataset": ds})
-    source = build_dataset(data.dataset)
+    data, source = load_run_dataset(run)
     stream = StreamingTextDataset(source, split="validation", n_ctx=doc["model"]["n_ctx"], batch_size=batch_size,
                                   mode=data.mode, seed=doc.get("train", {}).get("seed", 0),
                                   shuffle_buffer=data.shuffle_buffer, tokenize_batch=data.tokenize_batch,
