@@ -111,22 +111,34 @@ def similarity_command(a, b, checkpoints, method, positions, n_ctx, uniform, sam
 @click.option("--batches", "n_batches", type=int, default=4, show_default=True, help="validation batches per checkpoint")
 @click.option("--similarity", "method", type=click.Choice(["exact", "data"]), default="data", show_default=True,
               help="how the similarity to the final model is computed")
-def dynamics_command(run, out, json_out, n_batches, method) -> None:
+@click.option("--no-behaviour", is_flag=True,
+              help="leave out the behaviour-based induction score and the induction loss (repeated random sequences)")
+def dynamics_command(run, out, json_out, n_batches, method, no_behaviour) -> None:
     """When each circuit forms: per saved checkpoint of RUN (train with --checkpoint-schedule log),
     the validation loss and (synthetic) the excess loss per label, copying and composition scores,
-    the weight-based induction score and the similarity to the final model, as one PNG and JSON.
+    the induction score read from the weights and measured on behaviour (as qtoy analyze scores
+    heads), the induction loss, and the similarity to the final model, as one PNG and JSON.
 
       qtoy dynamics runs/x
     """
     from qtoy_core.analysis.trajectory import plot_trajectory, trajectory
 
-    rows = trajectory(run, similarity_method=method, n_batches=n_batches)
+    rows = trajectory(run, similarity_method=method, n_batches=n_batches, behaviour=not no_behaviour)
     json_path = Path(json_out or Path(run) / "dynamics.json")
     json_path.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
     png = plot_trajectory(rows, out or Path(run) / "dynamics.png", title=f"{Path(run).name}: training dynamics")
     click.echo(f"{json_path}\n{png}")
-    key = "induction (weights)"
-    if rows and key in rows[-1]:
+    for key in ("induction (weights)", "induction (behaviour)"):
+        if not rows or rows[-1].get(key) is None:
+            continue
         final = rows[-1][key]
-        formed = next((r["step"] for r in rows if final > 0 and r[key] >= 0.5 * final), None)
-        click.echo(f"{key}: {final:.3f} at the end; half of it first reached at step {formed}")
+        formed = next((r["step"] for r in rows if final > 0 and r.get(key) is not None and r[key] >= 0.5 * final), None)
+        chance = rows[-1].get(f"{key} chance")
+        click.echo(f"{key}: {final:.3f} at the end{'' if chance is None else f' (chance {chance:.3f})'}; half of it "
+                   f"first reached at step {formed}")
+    last = rows[-1] if rows else {}
+    if last.get("induction loss (second half)") is not None:
+        click.echo(f"induction loss: {last['induction loss (second half)']:.3f} nats on the repeated half vs "
+                   f"{last['induction loss (first half)']:.3f} on the random half at the end")
+    for note in dict.fromkeys(n for r in rows for n in r.get("notes", [])):
+        click.echo(f"note: {note}")
