@@ -49,10 +49,14 @@ def checkpoints_command(run, as_json) -> None:
 @click.option("--samples", type=int, default=2048, show_default=True, help="data with --uniform: sequences")
 @click.option("--batches", "n_batches", type=int, default=8, show_default=True,
               help="data: validation batches to use")
+@click.option("--optimize", type=click.Choice(["greedy", "hyper"]), default="greedy", show_default=True,
+              help="exact: the contraction path search (hyper: up to 30 s per network structure, much narrower "
+                   "paths, so larger vocabularies and lengths fit)")
 @click.option("--out", type=click.Path(dir_okay=False), help="--checkpoints: PNG path (default A/similarity.png)")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False),
               help="--checkpoints: JSON path (default A/similarity.json); else print JSON to this file")
-def similarity_command(a, b, checkpoints, method, positions, n_ctx, uniform, samples, n_batches, out, json_out) -> None:
+def similarity_command(a, b, checkpoints, method, positions, n_ctx, uniform, samples, n_batches, optimize, out,
+                       json_out) -> None:
     """Functional similarity: the cosine of two models' output functions, <f_a, f_b> / (|f_a| |f_b|)
     with <f, g> = E_x[f(x) . g(x)] over token sequences x (see docs/dynamics.md).
 
@@ -76,7 +80,7 @@ def similarity_command(a, b, checkpoints, method, positions, n_ctx, uniform, sam
             steps = [e["step"] for e, _ in models]
         else:
             values, errs, steps = checkpoint_similarity(a, method=method, n_ctx=n_ctx, positions=positions,
-                                                        n_batches=n_batches, models=models)
+                                                        n_batches=n_batches, models=models, optimize=optimize)
         phases = change_points(values)
         doc = {"run": a, "method": method, "positions": positions, "steps": steps, "similarity": values.tolist(),
                "stderr": errs.tolist(), "change_points": [steps[k] for k in phases],
@@ -96,7 +100,7 @@ def similarity_command(a, b, checkpoints, method, positions, n_ctx, uniform, sam
     if method == "data" and not uniform:
         batches, _ = validation_batches(a, n_batches=n_batches)
     sim = similarity(model_a, model_b, method, n_ctx=n_ctx, positions=positions, batches=batches,
-                     samples=0 if batches is not None else samples)
+                     samples=0 if batches is not None else samples, optimize=optimize)
     if json_out:
         Path(json_out).write_text(json.dumps(sim.to_dict(), indent=2) + "\n", encoding="utf-8")
     err = f" +- {sim.stderr:.4f}" if sim.method == "data" else ""

@@ -165,9 +165,11 @@ def trajectory(run: str | Path, *, similarity_method: str = "data", n_batches: i
 
 def checkpoint_similarity(run: str | Path, *, method: str = "data", n_ctx: int | None = None,
                           positions: str = "last", n_batches: int = 4, batch_size: int = 16,
-                          models: list[tuple[dict, Any]] | None = None) -> tuple[np.ndarray, np.ndarray, list[int]]:
+                          models: list[tuple[dict, Any]] | None = None,
+                          optimize: Any = "greedy") -> tuple[np.ndarray, np.ndarray, list[int]]:
     """(values, stderrs, steps): `similarity_matrix` over the run's checkpoints (``data``: on the
-    run's validation sequences; ``exact``: uniform sequences of length ``n_ctx``)."""
+    run's validation sequences; ``exact``: uniform sequences of length ``n_ctx``, contraction paths
+    from ``optimize``)."""
     from .similarity import similarity_matrix
 
     models = checkpoint_models(run) if models is None else models
@@ -175,7 +177,7 @@ def checkpoint_similarity(run: str | Path, *, method: str = "data", n_ctx: int |
     if method == "data":
         batches, _ = validation_batches(run, n_batches=n_batches, batch_size=batch_size)
     values, errs = similarity_matrix([m for _, m in models], method, n_ctx=n_ctx, positions=positions,
-                                     batches=batches, samples=0)
+                                     batches=batches, samples=0, optimize=optimize)
     return values, errs, [e["step"] for e, _ in models]
 
 
