@@ -42,6 +42,11 @@ def _write(path: str, text: str) -> Path:
 @click.argument("run", type=click.Path(exists=True, file_okay=False))
 @click.option("--text", help="the text to score")
 @click.option("--file", "file_", type=click.Path(exists=True, dir_okay=False), help="read the text from a file")
+@click.option("--story", type=click.IntRange(0), help="score story N of the run's corpus (synthetic: the generator's "
+              "story N, with its ground truth: label and nats per token)")
+@click.option("--color-by", "color_by", type=click.Choice(["loss", "excess"]), default="loss", show_default=True,
+              help="background: the token's loss, or its excess loss (loss minus the nats the generator charged to "
+                   "it; needs --story on a corpus with ground truth)")
 @click.option("--out", default="loss.html", show_default=True, type=click.Path(dir_okay=False),
               help="HTML file to write")
 @click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="a tokenizer.json (default: the run's)")
@@ -49,34 +54,72 @@ def _write(path: str, text: str) -> Path:
               help="top predictions shown per token")
 @click.option("--no-separator", is_flag=True,
               help="do not put the end-of-text separator before the text (the first token then has no loss)")
-def visualize_command(run, text, file_, out, tokenizer, top, no_separator) -> None:
+def visualize_command(run, text, file_, story, color_by, out, tokenizer, top, no_separator) -> None:
     """Per-token loss of a text under RUN as an HTML page: each token on a white-to-red background
-    (saturating at 7 nats); hover a token for its loss and the model's top predictions.
+    (saturating at 7 nats); hover a token for its loss and the model's top predictions. With
+    --story N on the synthetic corpus the tooltips also give each token's label, generator nats and
+    excess loss, and --color-by excess colours by that excess (blue below the generator, red above).
 
       qtoy visualize runs/x --text "Once upon a time" --out loss.html
 
       qtoy visualize runs/x --file story.txt --out loss.html
+
+      qtoy visualize runs/x --story 7 --color-by excess --out excess.html
     """
-    if (text is None) == (file_ is None):
-        raise click.UsageError("give the text with exactly one of --text TEXT or --file PATH.")
+    if sum(x is not None for x in (text, file_, story)) != 1:
+        raise click.UsageError("give the text with exactly one of --text TEXT, --file PATH or --story N.")
+    if color_by == "excess" and story is None:
+        raise click.UsageError(
+            "--color-by excess needs the nats the corpus' generator spent on each token, which only the corpus' own "
+            "stories have: pick one with --story N (on a run trained on the synthetic corpus) instead of "
+            "--text/--file.")
     if file_ is not None:
         try:
             text = Path(file_).read_text(encoding="utf-8")
         except UnicodeDecodeError:
             raise click.ClickException(f"{file_} is not UTF-8 text.") from None
-    if not text:
-        raise click.UsageError("the text is empty.")
     from qtoy_core.analysis.loss_view import loss_view
 
-    model, tok = _load(run, tokenizer, need_tokenizer=True)
+    model, tok = _load(run, tokenizer, need_tokenizer=story is None)
+    truth, subtitle = None, f"run {run}"
+    if story is not None:
+        text, truth, tok, where = _story(run, story, tok, tokenizer)
+        subtitle += f" \u00b7 {where}"
+    if not text:
+        raise click.UsageError("the text is empty.")
     try:
         view = loss_view(model, tok, text, top=top, prepend_separator=not no_separator,
-                         title="Per-token loss", subtitle=f"run {run}")
+                         title="Per-token loss" if color_by == "loss" else "Per-token excess loss",
+                         subtitle=subtitle, color_by=color_by, ground_truth=truth)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     path = _write(out, view.html)
-    mean = view.mean_loss
-    click.echo(f"{path}  ({len(view.tokens)} tokens, mean loss {'n/a' if mean is None else f'{mean:.3f}'} nats)")
+    mean, excess = view.mean_loss, view.mean_excess
+    click.echo(f"{path}  ({len(view.tokens)} tokens, mean loss {'n/a' if mean is None else f'{mean:.3f}'} nats"
+               f"{'' if excess is None else f', mean excess {excess:.3f} nats'})")
+
+
+def _story(run: str, index: int, tok, tokenizer: str | None):
+    """(text, ground truth or None, tokenizer, where) of story ``index`` of RUN's corpus."""
+    from qtoy_core.run_files import load_run_dataset
+
+    _, dataset = load_run_dataset(run, require_record=True)
+    if tokenizer is None:
+        tok = dataset.tokenizer()  # the run's tokenizer.json when it has one: the ids the ground truth uses
+    story_of = getattr(dataset, "story", None)
+    truth_of = getattr(dataset, "ground_truth", None)
+    if not callable(story_of) or not callable(truth_of):
+        raise click.ClickException(
+            f"{run} was trained on the {dataset.name!r} corpus, which offers no indexed stories with ground truth "
+            f"(per-token labels and nats): --story and --color-by excess need such a corpus (synthetic). Score a "
+            f"text with --text or --file and --color-by loss.")
+    text = story_of(index).text
+    truth = truth_of(index)
+    if tokenizer is not None and [int(i) for i in tok.encode(text)] != [int(i) for i in truth["ids"]]:
+        raise click.ClickException(
+            f"--tokenizer {tokenizer} is not the tokenizer of {run}'s corpus: its tokens differ from those the ground "
+            f"truth describes. Leave --tokenizer out to use the run's own.")
+    return text, truth, tok, f"story {index} ({dataset.split_of(text)} split) of the {dataset.name} corpus"
 
 
 @click.command("analyze")

@@ -49,10 +49,14 @@ def checkpoints_command(run, as_json) -> None:
 @click.option("--samples", type=int, default=2048, show_default=True, help="data with --uniform: sequences")
 @click.option("--batches", "n_batches", type=int, default=8, show_default=True,
               help="data: validation batches to use")
+@click.option("--optimize", type=click.Choice(["greedy", "hyper"]), default="greedy", show_default=True,
+              help="exact: the contraction path search (hyper: up to 30 s per network structure, much narrower "
+                   "paths, so larger vocabularies and lengths fit)")
 @click.option("--out", type=click.Path(dir_okay=False), help="--checkpoints: PNG path (default A/similarity.png)")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False),
               help="--checkpoints: JSON path (default A/similarity.json); else print JSON to this file")
-def similarity_command(a, b, checkpoints, method, positions, n_ctx, uniform, samples, n_batches, out, json_out) -> None:
+def similarity_command(a, b, checkpoints, method, positions, n_ctx, uniform, samples, n_batches, optimize, out,
+                       json_out) -> None:
     """Functional similarity: the cosine of two models' output functions, <f_a, f_b> / (|f_a| |f_b|)
     with <f, g> = E_x[f(x) . g(x)] over token sequences x (see docs/dynamics.md).
 
@@ -76,7 +80,7 @@ def similarity_command(a, b, checkpoints, method, positions, n_ctx, uniform, sam
             steps = [e["step"] for e, _ in models]
         else:
             values, errs, steps = checkpoint_similarity(a, method=method, n_ctx=n_ctx, positions=positions,
-                                                        n_batches=n_batches, models=models)
+                                                        n_batches=n_batches, models=models, optimize=optimize)
         phases = change_points(values)
         doc = {"run": a, "method": method, "positions": positions, "steps": steps, "similarity": values.tolist(),
                "stderr": errs.tolist(), "change_points": [steps[k] for k in phases],
@@ -96,7 +100,7 @@ def similarity_command(a, b, checkpoints, method, positions, n_ctx, uniform, sam
     if method == "data" and not uniform:
         batches, _ = validation_batches(a, n_batches=n_batches)
     sim = similarity(model_a, model_b, method, n_ctx=n_ctx, positions=positions, batches=batches,
-                     samples=0 if batches is not None else samples)
+                     samples=0 if batches is not None else samples, optimize=optimize)
     if json_out:
         Path(json_out).write_text(json.dumps(sim.to_dict(), indent=2) + "\n", encoding="utf-8")
     err = f" +- {sim.stderr:.4f}" if sim.method == "data" else ""
@@ -111,22 +115,34 @@ def similarity_command(a, b, checkpoints, method, positions, n_ctx, uniform, sam
 @click.option("--batches", "n_batches", type=int, default=4, show_default=True, help="validation batches per checkpoint")
 @click.option("--similarity", "method", type=click.Choice(["exact", "data"]), default="data", show_default=True,
               help="how the similarity to the final model is computed")
-def dynamics_command(run, out, json_out, n_batches, method) -> None:
+@click.option("--no-behaviour", is_flag=True,
+              help="leave out the behaviour-based induction score and the induction loss (repeated random sequences)")
+def dynamics_command(run, out, json_out, n_batches, method, no_behaviour) -> None:
     """When each circuit forms: per saved checkpoint of RUN (train with --checkpoint-schedule log),
     the validation loss and (synthetic) the excess loss per label, copying and composition scores,
-    the weight-based induction score and the similarity to the final model, as one PNG and JSON.
+    the induction score read from the weights and measured on behaviour (as qtoy analyze scores
+    heads), the induction loss, and the similarity to the final model, as one PNG and JSON.
 
       qtoy dynamics runs/x
     """
     from qtoy_core.analysis.trajectory import plot_trajectory, trajectory
 
-    rows = trajectory(run, similarity_method=method, n_batches=n_batches)
+    rows = trajectory(run, similarity_method=method, n_batches=n_batches, behaviour=not no_behaviour)
     json_path = Path(json_out or Path(run) / "dynamics.json")
     json_path.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
     png = plot_trajectory(rows, out or Path(run) / "dynamics.png", title=f"{Path(run).name}: training dynamics")
     click.echo(f"{json_path}\n{png}")
-    key = "induction (weights)"
-    if rows and key in rows[-1]:
+    for key in ("induction (weights)", "induction (behaviour)"):
+        if not rows or rows[-1].get(key) is None:
+            continue
         final = rows[-1][key]
-        formed = next((r["step"] for r in rows if final > 0 and r[key] >= 0.5 * final), None)
-        click.echo(f"{key}: {final:.3f} at the end; half of it first reached at step {formed}")
+        formed = next((r["step"] for r in rows if final > 0 and r.get(key) is not None and r[key] >= 0.5 * final), None)
+        chance = rows[-1].get(f"{key} chance")
+        click.echo(f"{key}: {final:.3f} at the end{'' if chance is None else f' (chance {chance:.3f})'}; half of it "
+                   f"first reached at step {formed}")
+    last = rows[-1] if rows else {}
+    if last.get("induction loss (second half)") is not None:
+        click.echo(f"induction loss: {last['induction loss (second half)']:.3f} nats on the repeated half vs "
+                   f"{last['induction loss (first half)']:.3f} on the random half at the end")
+    for note in dict.fromkeys(n for r in rows for n in r.get("notes", [])):
+        click.echo(f"note: {note}")

@@ -164,5 +164,28 @@ def load_run(path: str | os.PathLike, *, map_location: str = "cpu") -> tuple["To
     return model, tokenizer, document
 
 
+def load_run_dataset(path: str | os.PathLike, *, require_record: bool = False) -> tuple[Any, Any]:
+    """(DataConfig, dataset) a run trained on, with the run's own tokenizer.json when it has one, so
+    token ids match the model's. A folder whose config.json records no ``data`` section (a model
+    written by `save_pretrained`) gets the default DataConfig, or, with ``require_record``, one clear
+    CheckpointError (where guessing the corpus would mislead)."""
+    from .checkpoint import CheckpointError, read_document
+    from .data import build_dataset
+    from .data.config import DataConfig
+
+    document = read_document(path)
+    if require_record and "data" not in document:
+        raise CheckpointError(
+            f"{path} records no dataset (its config.json has no data section: a model saved with save_pretrained, "
+            f"not a training run folder), so its corpus is unknown. Use the run folder the model was trained in.")
+    data = DataConfig.model_validate(document.get("data", {}))
+    dataset = data.dataset.model_dump()
+    tokenizer_path = run_tokenizer_path(path)
+    if tokenizer_path is not None:
+        dataset["tokenizer"] = str(tokenizer_path)
+    data = DataConfig.model_validate({**data.model_dump(), "dataset": dataset})
+    return data, build_dataset(data.dataset)
+
+
 __all__ = ["TOKENIZER_NAME", "append_jsonl", "atomic_path", "current_umask", "fsync_dir", "load_run",
-           "read_jsonl", "run_tokenizer_path", "truncate_jsonl", "write_atomic"]
+           "load_run_dataset", "read_jsonl", "run_tokenizer_path", "truncate_jsonl", "write_atomic"]

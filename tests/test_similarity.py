@@ -63,6 +63,19 @@ def test_exact_matches_enumeration(case, positions):
     assert abs(sim.value - ref) < 1e-10
 
 
+def test_hyper_optimized_path_gives_the_same_exact_value(monkeypatch):
+    import qtoy_core.analysis.similarity as sim_mod
+
+    monkeypatch.setattr(sim_mod, "HYPER_REPEATS", 4)  # the search's breadth, not its correctness, is at stake
+    a, b = make("attention_only_2L", seed=0), make("attention_only_2L", seed=1)
+    G = exact_inner_products([a, b], n_ctx=2, optimize="hyper")
+    for i, j in [(0, 0), (0, 1), (1, 1)]:
+        ref = brute_force([a, b][i], [a, b][j], 2, "last")
+        assert abs(G[i, j] - ref) <= 1e-10 * max(1.0, abs(ref)), (i, j, G[i, j], ref)
+    assert sim_mod.path_optimizer("hyper") is sim_mod.path_optimizer("hyper")  # one optimizer: paths cached
+    assert sim_mod.path_optimizer("greedy") == "greedy"
+
+
 def test_exact_identities():
     a, b = make(seed=0), make(seed=1)
     assert abs(similarity(a, a, "exact").value - 1.0) < 1e-12

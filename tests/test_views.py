@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from qtoy_core.analysis.loss_view import SATURATION, LossView, TokenLoss, loss_color, loss_view, visible
+from qtoy_core.analysis.loss_view import (SATURATION, LossView, LossViewInputError, TokenLoss, excess_color, loss_color,
+                                          loss_view, visible)
 from qtoy_core.analysis.report import Report, format_number, report_numbers
 from qtoy_cli.main import main
 
@@ -309,6 +310,150 @@ def test_report_notes_a_component_without_weight_views(tokenizer_json):
     data["layers"][0]["attention"] = None
     page = render_report(data)
     assert "offers no weight views" in page and 'id="layer-0-mlp"' in page
+
+
+# ------------------------------------------------------------------------------- loss view: excess
+class UniformLogits(torch.nn.Module):
+    """Logits all zero: every token's loss is exactly log(vocab), so its excess is log(vocab) - nats."""
+
+    def __init__(self, vocab: int, n_ctx: int = 64):
+        super().__init__()
+        self.config = type("Config", (), {"n_ctx": n_ctx, "vocab_size": vocab})()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, tokens, mask=None):
+        return torch.zeros(*tokens.shape, self.config.vocab_size)
+
+
+class StoryCorpus:
+    """A corpus that knows the nats of one text (as `SyntheticDataset.ground_truth(text)` does)."""
+
+    def __init__(self, text, truth):
+        self.text, self.truth = text, truth
+
+    def ground_truth(self, text):
+        from qtoy_core import DataError
+
+        if text != self.text:
+            raise DataError("ground truth is known only for the corpus' own stories.")
+        return self.truth
+
+
+def _constructed_truth(tok, text):
+    """Ground truth whose excess under `UniformLogits` is planted: 0, +log V, -3, +log V - 1, ..."""
+    import math
+
+    ids = tok.encode(text)
+    log_v = math.log(VOCAB)
+    planted = [0.0, log_v, -3.0, log_v - 1.0, 2.0]
+    excess = [planted[i % len(planted)] for i in range(len(ids))]
+    labels = [("fixed", "free", "copyable")[i % 3] for i in range(len(ids))]
+    return {"ids": list(ids), "labels": labels, "nats": [log_v - e for e in excess]}, excess
+
+
+def test_excess_colours_tooltips_and_summary_on_a_constructed_case(tokenizer_json):
+    from qtoy_core.data import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    text = "Pip met a sheep named Mo."
+    truth, excess = _constructed_truth(tok, text)
+    view = loss_view(UniformLogits(VOCAB), tok, text, color_by="excess", ground_truth=truth)
+    spans = _token_spans(view.html)
+    assert len(spans) == len(excess) >= 5
+    for i, (span, e) in enumerate(zip(spans, excess)):
+        assert float(span["attrs"]["data-excess"]) == pytest.approx(e, abs=1e-4)
+        assert span["attrs"]["data-label"] == truth["labels"][i]
+        assert f"background:{excess_color(e)}" in span["attrs"]["style"]
+        assert truth["labels"][i] in span["tip"] and f"generator {truth['nats'][i]:.3f} nats" in span["tip"]
+        assert f"excess {e:+.3f} nats" in span["tip"]
+    # the planted values land on the scale: 0 white, +log V (5.7 nats) red, -3 blue, full at +-SATURATION
+    assert excess_color(0.0) == "rgb(255,255,255)"
+    assert excess_color(-3.0) == f"rgb({round(255 * (1 - 3 / SATURATION))},{round(255 * (1 - 3 / SATURATION))},255)"
+    assert excess_color(SATURATION) == excess_color(20.0) == "rgb(255,0,0)"
+    assert excess_color(-SATURATION) == "rgb(0,0,255)" and excess_color(None) == "rgb(230,230,230)"
+    assert view.mean_excess == pytest.approx(sum(excess) / len(excess), abs=1e-5)
+    assert f"mean excess {view.mean_excess:.3f} nats" in view.html
+    assert "first character" in view.html  # the legend's caveat: a span's nats sit on its first token
+    worst = view.worst(3, by="excess")
+    assert [t.excess for t in worst] == pytest.approx(sorted(excess, reverse=True)[:3], abs=1e-5)
+    doc = view.to_dict()
+    assert doc["color_by"] == "excess" and doc["tokens"][2]["excess"] == pytest.approx(excess[2], abs=1e-5)
+
+    # a corpus object is asked for the text's ground truth; the default mode still colours by loss
+    corpus = StoryCorpus(text, truth)
+    by_loss = loss_view(UniformLogits(VOCAB), tok, text, ground_truth=corpus)
+    assert by_loss.color_by == "loss" and by_loss.excesses == pytest.approx(excess, abs=1e-5)
+    for span, t in zip(_token_spans(by_loss.html), by_loss.tokens):
+        assert f"background:{loss_color(t.loss)}" in span["attrs"]["style"] and "excess" in span["tip"]
+
+
+def test_excess_without_ground_truth_is_one_clear_error(tokenizer_json):
+    from qtoy_core import QtoyError
+    from qtoy_core.data import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    model, text = UniformLogits(VOCAB), "Pip met a sheep named Mo."
+    truth, _ = _constructed_truth(tok, text)
+    with pytest.raises(LossViewInputError, match="ground_truth=dataset.ground_truth"):
+        loss_view(model, tok, text, color_by="excess")
+    with pytest.raises(LossViewInputError, match="offers no ground_truth"):
+        loss_view(model, tok, text, color_by="excess", ground_truth=object())
+    with pytest.raises(LossViewInputError, match="own stories"):  # the corpus does not know this text
+        loss_view(model, tok, "Mo met Pip.", color_by="excess", ground_truth=StoryCorpus(text, truth))
+    with pytest.raises(LossViewInputError, match="not this text"):  # another text's ground truth
+        loss_view(model, tok, "Mo met Pip.", color_by="excess", ground_truth=truth)
+    with pytest.raises(LossViewInputError, match="'loss', 'excess'"):
+        loss_view(model, tok, text, color_by="entropy")
+    assert issubclass(LossViewInputError, QtoyError)
+
+
+def test_visualize_colours_a_synthetic_story_by_excess(tmp_path, capsys):
+    from qtoy_core.run_files import load_run_dataset
+
+    run = tmp_path / "run"
+    code, _, err = _cli(capsys, "train", "--d-model", "16", "--n-head", "2", "--n-ctx", "32", "--batch-size", "4",
+                        "--precision", "fp32", "--no-compile", "--quiet", "--max-iters", "1", "--eval-iters", "1",
+                        "--out", str(run), "--set", "data.dataset.val_documents=8")
+    assert code == 0, err
+    out = tmp_path / "excess.html"
+    code, stdout, err = _cli(capsys, "visualize", str(run), "--story", "3", "--color-by", "excess", "--out", str(out))
+    assert code == 0, err
+    assert "mean excess" in stdout
+    _, dataset = load_run_dataset(run)
+    truth = dataset.ground_truth(3)
+    spans = _token_spans(out.read_text(encoding="utf-8"))
+    assert len(spans) == len(truth["nats"])
+    for span, nats, label in zip(spans, truth["nats"], truth["labels"]):
+        loss, e = float(span["attrs"]["data-loss"]), float(span["attrs"]["data-excess"])
+        assert e == pytest.approx(loss - nats, abs=2e-4) and span["attrs"]["data-label"] == label
+    # the page is the Python view of the same story: same colours
+    from qtoy_core import load_run
+
+    model, _, _ = load_run(run)
+    view = loss_view(model, dataset.tokenizer(), dataset.story(3).text, color_by="excess", ground_truth=truth)
+    assert [s["attrs"]["style"] for s in spans] == [f"background:{excess_color(t.excess)}" for t in view.tokens]
+    # excess needs a story of the corpus, not a free text
+    code, _, err = _cli(capsys, "visualize", str(run), "--text", "hi", "--color-by", "excess", "--out", str(out))
+    assert code == 2 and "--story N" in err and "Traceback" not in err
+
+
+def test_visualize_story_on_a_corpus_without_ground_truth_is_one_clear_error(model_dirs, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "text-run"
+    shutil.copytree(model_dirs["1L"], folder)
+    code, _, err = _cli(capsys, "visualize", str(folder), "--story", "0", "--color-by", "excess",
+                        "--out", str(tmp_path / "x.html"))
+    assert code != 0 and "records no dataset" in err and "Traceback" not in err  # a saved model: corpus unknown
+    corpus = tmp_path / "stories.txt"
+    corpus.write_text("\n".join(CORPUS), encoding="utf-8")
+    doc = json.loads((folder / "config.json").read_text())
+    doc["data"] = {"dataset": {"name": "text", "data_files": [str(corpus)]}}  # as a run trained on local files
+    (folder / "config.json").write_text(json.dumps(doc))
+    code, _, err = _cli(capsys, "visualize", str(folder), "--story", "0", "--color-by", "excess",
+                        "--out", str(tmp_path / "x.html"))
+    assert code != 0 and "'text' corpus" in err and "ground truth" in err and "Traceback" not in err
+    assert not (tmp_path / "x.html").exists()
 
 
 # ------------------------------------------------------------------------------------- bad input

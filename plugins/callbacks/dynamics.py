@@ -26,9 +26,10 @@ def _top_singular_values(fm, top_k: int) -> list[list[float]]:
 @torch.no_grad()
 def circuit_spectra(model, top_k: int) -> dict:
     """Top singular values per head of every QK form ``W_Q K W_K^T`` (key ``qk_sv`` for the first pair,
-    ``qk2_sv``, ... for more) and of ``W_OV = W_V W_O``; each head's OV copying score (as `qtoy analyze`
-    reports it: of ``W_E W_V W_O W_U``); and for bilinear MLPs the top |eigenvalues| of the interaction
-    matrix along the MLP's dominant output direction u: ``Q_u = sym(sum_h (u . W_out[:, h]) W_l[h]^T W_r[h])``."""
+    ``qk2_sv``, ... for more) and of ``W_OV = W_V W_O``; each head's OV copying score (``ov_copying``,
+    as `qtoy analyze` reports it: of the OV circuit ``W_E W_V W_O W_U``); and for bilinear MLPs the top
+    |eigenvalues| of the interaction matrix along the MLP's dominant output direction u:
+    ``Q_u = sym(sum_h (u . W_out[:, h]) W_l[h]^T W_r[h])``."""
     w = model_weights(model)
     out = {}
     for lw in w.layers:
@@ -36,7 +37,10 @@ def circuit_spectra(model, top_k: int) -> dict:
         if lw.has_circuits:
             for f in range(len(lw.qk_pairs)):
                 out[f"blocks.{i}.attn.qk{'' if f == 0 else f + 1}_sv"] = _top_singular_values(qk_matrix(w, i, factor=f), top_k)
-            out[f"blocks.{i}.attn.ov_sv"] = _top_singular_values(ov_matrix(w, i), top_k)
+            ov = ov_matrix(w, i)
+            out[f"blocks.{i}.attn.ov_sv"] = _top_singular_values(ov, top_k)
+            # the OV circuit W_E (W_V W_O) W_U, kept factored: its spectrum is qtoy analyze's copying score
+            out[f"blocks.{i}.attn.ov_copying"] = [s.copying_score for s in spectrum(w.W_E @ ov @ w.W_U)]
         if lw.is_bilinear_mlp:
             u = torch.linalg.svd(lw.mlp["W_out"], full_matrices=False).U[:, 0]
             eig = torch.linalg.eigvalsh(mlp_interaction(w, i, u).double())

@@ -410,7 +410,8 @@ def weight_head_scores(model: Any, *, n_positions: int | None = None) -> dict[st
     """
     w = model_weights(model)
     L = len(w.layers)
-    H = max((lw.n_head for lw in w.layers if lw.has_circuits), default=0)
+    # as wide as head_detectors' tables (the config's heads) when no layer offers weight views
+    H = max((lw.n_head for lw in w.layers if lw.has_circuits), default=int(getattr(model.config, "n_head", 0)))
     T = int(n_positions or w.n_ctx or 16)
     out = {k: torch.full((L, H), float("nan"), dtype=torch.float64) for k in DETECTOR_KINDS}
     for i, lw in enumerate(w.layers):

@@ -22,6 +22,17 @@ predicted too; otherwise the first token has no loss (shown grey). Texts longer 
 ``n_ctx`` are cut into consecutive windows of ``n_ctx`` tokens, each window starting with the last
 token of the previous one (so every token is predicted once, but the first tokens of a window see
 little context: the view says so).
+
+**Colouring by excess loss** (``color_by="excess"``, ``qtoy visualize --color-by excess``): on a
+corpus that knows the nats its generator spent on each token (the built-in ``synthetic``:
+``dataset.ground_truth(story)`` gives ids, labels and nats per token), a token's background shows
+its *excess*, ``loss - nats``, on a blue-white-red scale (blue below 0, red above, both full from
+``SATURATION`` on), and every tooltip shows the token's label and nats. Per token the excess is a
+bookkeeping quantity, not a per-token distance to the optimum: the generator charges a span's
+(a word's, a name's) whole entropy to the token holding its first character, so a span's first
+token can go blue (its loss is below the span's nats) while its later tokens, charged 0 nats, go
+red for the same bits. Summed over a span, a story or a label (the summary line, `qtoy eval`) the
+excess is the distance to the optimum; read single tokens with that in mind.
 """
 
 from __future__ import annotations
@@ -34,11 +45,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["SATURATION", "LossView", "TokenLoss", "loss_color", "loss_view", "loss_view_html", "token_losses",
-           "visible"]
+from qtoy_registry import QtoyError
 
-#: Loss (nats) at which the background is full red.
+__all__ = ["COLOR_MODES", "SATURATION", "LossView", "LossViewInputError", "TokenLoss", "attach_ground_truth",
+           "excess_color", "loss_color", "loss_view", "loss_view_html", "token_losses", "visible"]
+
+#: Loss (nats) at which the background is full red (excess: full red / full blue at +- this).
 SATURATION = 7.0
+#: What a token's background shows: its loss, or its loss minus the generator's nats.
+COLOR_MODES = ("loss", "excess")
+
+
+class LossViewInputError(QtoyError, ValueError):
+    """Loss-view input that cannot work (an unknown colour mode, excess without ground truth...)."""
 
 
 @dataclass
@@ -56,6 +75,13 @@ class TokenLoss:
     rank: int | None = None
     top: list[tuple[int, str, float]] = field(default_factory=list)
     context: int = 0  # how many tokens (separator included) the model saw before this one
+    label: str | None = None  # ground truth (synthetic): fixed / copyable / free
+    nats: float | None = None  # the nats the generator charged to this token (a span's go to its first token)
+
+    @property
+    def excess(self) -> float | None:
+        """``loss - nats`` (None without a loss or without ground truth)."""
+        return None if self.loss is None or self.nats is None else self.loss - self.nats
 
 
 # ------------------------------------------------------------------------------------- computing
@@ -175,6 +201,44 @@ def token_losses(model: Any, tokenizer: Any, text: str, *, top: int = 5,
     return out, info
 
 
+def attach_ground_truth(tokens: list[TokenLoss], ground_truth: Any, text: str) -> None:
+    """Set each token's ``label`` and ``nats`` from ``ground_truth``: the dict a dataset's
+    ``ground_truth(story)`` returns (``ids``, ``labels``, ``nats`` per token of the text), or the
+    dataset itself (its ``ground_truth(text)`` is asked). The ids must be the text's tokens."""
+    if ground_truth is None:
+        raise LossViewInputError(
+            "color_by='excess' needs the nats the corpus' generator spent on each token, and none were given. "
+            "Only a corpus with ground truth has them (the synthetic corpus): pass "
+            "ground_truth=dataset.ground_truth(story) with text=dataset.story(story).text, or colour by 'loss'.")
+    truth = ground_truth
+    if not isinstance(truth, dict):
+        method = getattr(truth, "ground_truth", None)
+        if not callable(method):
+            raise LossViewInputError(
+                f"{type(truth).__name__} offers no ground_truth(): this corpus does not know the nats its documents "
+                f"cost, so there is no excess loss to colour by. Use a corpus with ground truth (synthetic), or "
+                f"colour by 'loss'.")
+        try:
+            truth = method(text)
+        except QtoyError as exc:
+            raise LossViewInputError(
+                f"the corpus has no ground truth for this text ({exc}) Pass the story itself: "
+                f"ground_truth=dataset.ground_truth(index) with text=dataset.story(index).text.") from None
+    missing = [k for k in ("ids", "nats") if k not in truth]
+    if missing:
+        raise LossViewInputError(f"ground_truth lacks {', '.join(missing)}: give the dict a dataset's "
+                                 f"ground_truth(story) returns (ids, labels, nats per token).")
+    ids = [int(i) for i in truth["ids"]]
+    if ids != [t.token_id for t in tokens]:
+        raise LossViewInputError(
+            f"the ground truth describes {len(ids)} tokens that are not this text's {len(tokens)} tokens: it belongs "
+            f"to another text or another tokenizer. Pass the ground truth of this very text, encoded with the "
+            f"corpus' own tokenizer.")
+    labels = truth.get("labels") or [None] * len(ids)
+    for t, label, nat in zip(tokens, labels, truth["nats"]):
+        t.label, t.nats = label, float(nat)
+
+
 # --------------------------------------------------------------------------------------- drawing
 def loss_color(loss: float | None, saturation: float = SATURATION) -> str:
     """The background of a token: ``rgb(255, g, g)`` with g from 255 (loss 0) to 0 (loss >= saturation);
@@ -184,6 +248,19 @@ def loss_color(loss: float | None, saturation: float = SATURATION) -> str:
     frac = min(max(loss / saturation, 0.0), 1.0)
     g = round(255 * (1.0 - frac))
     return f"rgb(255,{g},{g})"
+
+
+def excess_color(excess: float | None, saturation: float = SATURATION) -> str:
+    """The background of a token coloured by excess loss: white at 0, towards red
+    (``rgb(255, g, g)``) above, towards blue (``rgb(g, g, 255)``) below, full at +- saturation; a
+    token without an excess (nothing predicts it) is light grey."""
+    if excess is None:
+        return "rgb(230,230,230)"
+    if not math.isfinite(excess):
+        return "rgb(255,0,0)" if excess > 0 else "rgb(0,0,255)"
+    frac = min(abs(excess) / saturation, 1.0)
+    g = round(255 * (1.0 - frac))
+    return f"rgb(255,{g},{g})" if excess >= 0 else f"rgb({g},{g},255)"
 
 
 _VISIBLE = {" ": "\u2423", "\n": "\u21b5", "\t": "\u21e5", "\r": "\u240d"}
@@ -248,9 +325,14 @@ def _tip_html(t: TokenLoss, saturation: float) -> str:
         rows.append(f'<span class="tip-row"{mine}><code>{_esc(visible(txt))}</code><span class="bar" '
                     f'style="width:{width}px"></span><span class="p">{_fmt_p(p)}</span></span>')
     rank = "" if t.rank is None else f" \u00b7 rank {t.rank + 1}"
+    truth = ""
+    if t.nats is not None:
+        label = "" if t.label is None else f"{_esc(t.label)} \u00b7 "
+        truth = (f'<span class="tip-line">{label}generator {t.nats:.3f} nats \u00b7 <b>excess {t.excess:+.3f} '
+                 f'nats</b></span>')
     return (f'<span class="tip" role="tooltip">{head}'
             f'<span class="tip-line"><b>loss {t.loss:.3f} nats</b> \u00b7 p = {_fmt_p(t.prob or 0.0)}{rank}</span>'
-            f'<span class="tip-line sub">top {len(t.top)} predictions:</span>{"".join(rows)}</span>')
+            f'{truth}<span class="tip-line sub">top {len(t.top)} predictions:</span>{"".join(rows)}</span>')
 
 
 _CSS = """
@@ -262,6 +344,7 @@ _CSS = """
 .qtoy-lv .legend{display:flex;align-items:center;gap:.5em;font-size:.85em;color:#444;margin:.3em 0 .6em;flex-wrap:wrap}
 .qtoy-lv .ramp{width:220px;height:12px;border:1px solid #bbb;
   background:linear-gradient(to right,rgb(255,255,255),rgb(255,0,0))}
+.qtoy-lv .ramp.diverging{background:linear-gradient(to right,rgb(0,0,255),rgb(255,255,255),rgb(255,0,0))}
 .qtoy-lv .controls{font-size:.85em;color:#444;margin-bottom:.4em}
 .qtoy-lv .note{font-size:.85em;color:#666;margin:.2em 0}
 .qtoy-lv .text{white-space:pre-wrap;word-wrap:break-word;font-family:ui-monospace,"DejaVu Sans Mono",Menlo,Consolas,monospace;
@@ -354,16 +437,25 @@ class LossView(FragmentPage):
     """Per-token losses of one text, displayable in a notebook (``_repr_html_``) and as a page.
 
     ``tokens``: `TokenLoss` per token; ``info``: separator, windows; ``html``: the full page;
-    ``save(path)`` writes it. ``to_dict()`` gives everything as plain data.
+    ``save(path)`` writes it. ``to_dict()`` gives everything as plain data. ``color_by``: "loss"
+    (white to red) or "excess" (loss minus the generator's nats, blue-white-red; the tokens must
+    carry ``nats``, see `attach_ground_truth`).
     """
 
     def __init__(self, tokens: list[TokenLoss], info: dict, *, title: str = "Per-token loss",
-                 subtitle: str | None = None, saturation: float = SATURATION):
+                 subtitle: str | None = None, saturation: float = SATURATION, color_by: str = "loss"):
+        if color_by not in COLOR_MODES:
+            raise LossViewInputError(f"color_by={color_by!r} is not a colour mode: use one of "
+                                     f"{', '.join(repr(m) for m in COLOR_MODES)}.")
+        if color_by == "excess" and not any(t.nats is not None for t in tokens):
+            raise LossViewInputError("color_by='excess' needs tokens that carry the generator's nats: build the view "
+                                     "with loss_view(..., color_by='excess', ground_truth=...), or colour by 'loss'.")
         self.tokens = tokens
         self.info = info
         self.title = title
         self.subtitle = subtitle
         self.saturation = float(saturation)
+        self.color_by = color_by
         self._id = "qtoy-lv-" + uuid.uuid4().hex[:10]
 
     # -- numbers ----------------------------------------------------------------------------------
@@ -372,32 +464,71 @@ class LossView(FragmentPage):
         return [t.loss for t in self.tokens]
 
     @property
+    def excesses(self) -> list[float | None]:
+        return [t.excess for t in self.tokens]
+
+    @property
     def mean_loss(self) -> float | None:
         vals = [t.loss for t in self.tokens if t.loss is not None]
         return sum(vals) / len(vals) if vals else None
 
-    def worst(self, n: int = 10) -> list[TokenLoss]:
-        """The ``n`` tokens with the highest loss, worst first."""
-        return sorted((t for t in self.tokens if t.loss is not None), key=lambda t: -t.loss)[:n]
+    @property
+    def mean_excess(self) -> float | None:
+        """Mean of ``loss - nats`` over the predicted tokens that have nats (None without ground truth)."""
+        vals = [t.excess for t in self.tokens if t.excess is not None]
+        return math.fsum(vals) / len(vals) if vals else None
+
+    def worst(self, n: int = 10, *, by: str = "loss") -> list[TokenLoss]:
+        """The ``n`` tokens with the highest loss (``by="excess"``: excess), worst first."""
+        if by not in COLOR_MODES:
+            raise LossViewInputError(f"worst(by={by!r}): use one of {', '.join(repr(m) for m in COLOR_MODES)}.")
+        key = (lambda t: t.loss) if by == "loss" else (lambda t: t.excess)
+        return sorted((t for t in self.tokens if key(t) is not None), key=lambda t: -key(t))[:n]
+
+    def color_of(self, token: TokenLoss) -> str:
+        """The background ``token`` gets in this view's colour mode."""
+        if self.color_by == "excess":
+            return excess_color(token.excess, self.saturation)
+        return loss_color(token.loss, self.saturation)
 
     def to_dict(self) -> dict:
-        return {"title": self.title, "saturation": self.saturation, "mean_loss": self.mean_loss, **self.info,
-                "tokens": [asdict(t) for t in self.tokens]}
+        tokens = [{**asdict(t), "excess": t.excess} for t in self.tokens]
+        return {"title": self.title, "saturation": self.saturation, "color_by": self.color_by,
+                "mean_loss": self.mean_loss, "mean_excess": self.mean_excess, **self.info, "tokens": tokens}
 
     def to_json(self, **kwargs: Any) -> str:
         return json.dumps(self.to_dict(), **kwargs)
 
     # -- HTML -------------------------------------------------------------------------------------
+    def _legend(self) -> str:
+        sat = self.saturation
+        if self.color_by == "loss":
+            return (f'<div class="legend"><span>0 nats</span><span class="ramp"></span><span>\u2265 {sat:g} nats '
+                    f'(cross-entropy of each token given the ones before it)</span></div>')
+        return (f'<div class="legend"><span>\u2264 \u2212{sat:g}</span><span class="ramp diverging"></span>'
+                f'<span>\u2265 +{sat:g} nats of excess loss (each token\u2019s loss minus the nats the generator '
+                f'charged to it; white: as the generator)</span></div>'
+                '<div class="note">Per token the excess is bookkeeping, not a distance to the optimum: the generator '
+                'charges a span\u2019s whole entropy (a free word, a name) to the token holding its first character, '
+                'so that token can go blue (its loss is below the span\u2019s nats) while the span\u2019s later tokens, '
+                'charged 0 nats, go red for the same uncertainty. Summed over a span, the text or a label (the summary '
+                'above, <code>qtoy eval</code>) the excess is the distance to the optimum.</div>')
+
     def fragment(self) -> str:
         """The view as an HTML fragment (style, content, script), scoped so that several can share a page."""
         sat = self.saturation
         spans = []
         for t in self.tokens:
-            frac = 0.0 if t.loss is None else min(max(t.loss / sat, 0.0), 1.0)
+            shade = t.loss if self.color_by == "loss" else (None if t.excess is None else abs(t.excess))
+            frac = 0.0 if shade is None else min(max(shade / sat, 0.0), 1.0)
             cls = "tok" + (" hi" if frac > 0.72 else "") + (" nopred" if t.loss is None else "")
-            loss_attr = "" if t.loss is None else f' data-loss="{t.loss:.4f}"'
-            spans.append(f'<span class="{cls}" data-pos="{t.position}"{loss_attr} tabindex="0" '
-                         f'style="background:{loss_color(t.loss, sat)}">{_piece_html(t.piece, t.text)}'
+            attrs = "" if t.loss is None else f' data-loss="{t.loss:.4f}"'
+            if t.excess is not None:
+                attrs += f' data-excess="{t.excess:.4f}"'
+            if t.label is not None:
+                attrs += f' data-label="{_esc(t.label)}"'
+            spans.append(f'<span class="{cls}" data-pos="{t.position}"{attrs} tabindex="0" '
+                         f'style="background:{self.color_of(t)}">{_piece_html(t.piece, t.text)}'
                          f'{_tip_html(t, sat)}</span><wbr>')
         mean = self.mean_loss
         n_pred = self.info.get("n_predicted", 0)
@@ -405,6 +536,11 @@ class LossView(FragmentPage):
                    f"{'n/a' if mean is None else f'{mean:.3f} nats'}")
         if mean is not None:
             summary += f" (perplexity {math.exp(min(mean, 50)):.1f})"
+        excess = self.mean_excess
+        if excess is not None:
+            scored = [t for t in self.tokens if t.excess is not None]
+            entropy = math.fsum(t.nats for t in scored) / len(scored)
+            summary += f" \u00b7 generator {entropy:.3f} nats \u00b7 mean excess {excess:.3f} nats"
         notes = []
         sep = self.info.get("separator")
         if sep is not None:
@@ -416,26 +552,32 @@ class LossView(FragmentPage):
             notes.append(f"The text is longer than the model's context ({self.info['n_ctx']} tokens): it was "
                          f"read in {self.info['windows']} consecutive windows, so the first tokens of each "
                          f"window see little context.")
+        with_truth = any(t.nats is not None for t in self.tokens)
         worst_rows = []
-        for t in self.worst(10):
+        for t in self.worst(10, by=self.color_by):
             best = t.top[0] if t.top else None
             pred = "" if best is None else f"<code>{_esc(visible(best[1]))}</code> ({_fmt_p(best[2])})"
+            truth = ""
+            if with_truth:
+                truth = (f'<td>{_esc(t.label or "")}</td><td class="num">{t.nats:.3f}</td>'
+                         f'<td class="num">{t.excess:+.3f}</td>' if t.nats is not None else "<td></td>" * 3)
             worst_rows.append(
                 f'<tr><td class="num">{t.position}</td><td><span class="swatch" style="background:'
-                f'{loss_color(t.loss, sat)}"></span><code>{_esc(visible(t.text))}</code></td>'
-                f'<td class="num">{t.loss:.3f}</td><td class="num">{_fmt_p(t.prob or 0.0)}</td><td>{pred}</td></tr>')
+                f'{self.color_of(t)}"></span><code>{_esc(visible(t.text))}</code></td>'
+                f'<td class="num">{t.loss:.3f}</td>{truth}<td class="num">{_fmt_p(t.prob or 0.0)}</td><td>{pred}</td></tr>')
         worst = ""
         if worst_rows:
-            worst = ('<h2>Highest-loss tokens</h2><table><thead><tr><th>position</th><th>token</th>'
-                     '<th>loss (nats)</th><th>p(token)</th><th>model\u2019s top prediction</th></tr></thead>'
-                     f'<tbody>{"".join(worst_rows)}</tbody></table>')
+            truth_head = "<th>label</th><th>generator nats</th><th>excess</th>" if with_truth else ""
+            worst = (f'<h2>Highest-{self.color_by} tokens</h2><table><thead><tr><th>position</th><th>token</th>'
+                     f'<th>loss (nats)</th>{truth_head}<th>p(token)</th><th>model\u2019s top prediction</th></tr>'
+                     f'</thead><tbody>{"".join(worst_rows)}</tbody></table>')
         sub = f'<div class="note">{_esc(self.subtitle)}</div>' if self.subtitle else ""
+        what = "its loss" + (", label, generator nats, excess" if with_truth else "")
         return (f'<style>{_CSS}</style><div class="qtoy-lv" id="{self._id}">'
                 f'<h1>{_esc(self.title)}</h1>{sub}<div class="summary">{summary}</div>'
-                f'<div class="legend"><span>0 nats</span><span class="ramp"></span><span>\u2265 {sat:g} nats '
-                f'(cross-entropy of each token given the ones before it)</span></div>'
+                f'{self._legend()}'
                 f'<div class="controls"><label><input type="checkbox" class="ws-toggle" checked> mark spaces '
-                f'(\u00b7)</label> \u00b7 hover or click a token for its loss and the model\u2019s top '
+                f'(\u00b7)</label> \u00b7 hover or click a token for {what} and the model\u2019s top '
                 f'predictions</div>'
                 + "".join(f'<div class="note">{n}</div>' for n in notes)
                 + f'<div class="text">{"".join(spans)}</div>{worst}</div>'
@@ -443,16 +585,31 @@ class LossView(FragmentPage):
 
     def __repr__(self) -> str:
         mean = self.mean_loss
-        return (f"LossView({len(self.tokens)} tokens, mean loss "
-                f"{'n/a' if mean is None else f'{mean:.3f}'} nats)")
+        excess = self.mean_excess
+        return (f"LossView({len(self.tokens)} tokens, mean loss {'n/a' if mean is None else f'{mean:.3f}'} nats"
+                f"{'' if excess is None else f', mean excess {excess:.3f} nats'})")
 
 
 def loss_view(model: Any, tokenizer: Any, text: str, *, top: int = 5, prepend_separator: bool = True,
               title: str = "Per-token loss", subtitle: str | None = None,
-              saturation: float = SATURATION) -> LossView:
-    """Compute the per-token losses of ``text`` and return a `LossView` (displays in notebooks)."""
+              saturation: float = SATURATION, color_by: str = "loss", ground_truth: Any = None) -> LossView:
+    """Compute the per-token losses of ``text`` and return a `LossView` (displays in notebooks).
+
+    ``color_by``: "loss" (default) or "excess" (loss minus the generator's nats; see the module
+    docstring for what that means per token). ``ground_truth``: the dict ``dataset.ground_truth(story)``
+    returns for this text (ids, labels, nats per token), or the dataset itself (asked for
+    ``ground_truth(text)``); required for "excess", optional otherwise (the tooltips then show each
+    token's label, nats and excess in either mode).
+    """
+    if color_by not in COLOR_MODES:
+        raise LossViewInputError(f"color_by={color_by!r} is not a colour mode: use one of "
+                                 f"{', '.join(repr(m) for m in COLOR_MODES)}.")
+    if color_by == "excess" and ground_truth is None:
+        attach_ground_truth([], None, text)  # raises the one message about missing ground truth
     tokens, info = token_losses(model, tokenizer, text, top=top, prepend_separator=prepend_separator)
-    return LossView(tokens, info, title=title, subtitle=subtitle, saturation=saturation)
+    if ground_truth is not None:
+        attach_ground_truth(tokens, ground_truth, text)
+    return LossView(tokens, info, title=title, subtitle=subtitle, saturation=saturation, color_by=color_by)
 
 
 def loss_view_html(model: Any, tokenizer: Any, text: str, **kwargs: Any) -> str:

@@ -46,7 +46,8 @@ import torch
 
 from qtoy_registry import QtoyError
 
-__all__ = ["Similarity", "SimilarityError", "exact_inner_products", "similarity", "similarity_matrix"]
+__all__ = ["HYPER_SECONDS", "Similarity", "SimilarityError", "exact_inner_products", "path_optimizer", "similarity",
+           "similarity_matrix"]
 
 #: Largest intermediate tensor (entries) an exact contraction may build before it is refused.
 MAX_EXACT_WIDTH = 2**27
@@ -149,16 +150,40 @@ def pair_network(model_a: Any, model_b: Any, t: int) -> tuple[list[np.ndarray], 
     return _join(_networks(model_a, T, [t]), _networks(model_b, T, [t]), t)
 
 
+#: ``optimize="hyper"``: cotengra's hyper-optimizer over greedy paths with randomised cost
+#: parameters (its random search needs no optional library): at most HYPER_REPEATS trials and
+#: HYPER_SECONDS per network structure, single process (the machines are shared).
+HYPER_SECONDS = 30.0
+HYPER_REPEATS = 128
+_HYPER: dict[tuple[float, int], Any] = {}
+
+
+def path_optimizer(optimize: Any) -> Any:
+    """What `PathCache` gets for ``optimize``: "hyper" is one shared cotengra ``ReusableHyperOptimizer``
+    per setting (so its paths are cached by structure like the presets'); anything else is passed on."""
+    if not (isinstance(optimize, str) and optimize == "hyper"):
+        return optimize
+    key = (float(HYPER_SECONDS), int(HYPER_REPEATS))
+    if key not in _HYPER:
+        import cotengra as ctg
+
+        _HYPER[key] = ctg.ReusableHyperOptimizer(methods=["greedy"], optlib="random", max_repeats=key[1],
+                                                 max_time=key[0], minimize="flops", parallel=False, progbar=False)
+    return _HYPER[key]
+
+
 def _contract_pair(tn_a: Any, tn_b: Any, t: int, optimize: Any, cache: Any) -> float:
     """sum over all token sequences x_0..x_t of logits_a[t](x) . logits_b[t](x) (no normalisation)."""
     arrays, inputs, size_dict = _join(tn_a, tn_b, t)
-    tree = cache.tree(inputs, (), size_dict, optimize)
+    tree = cache.tree(inputs, (), size_dict, path_optimizer(optimize))
     width = 2.0 ** float(tree.contraction_width())
     if width > MAX_EXACT_WIDTH:
         raise SimilarityError(
             f"The exact contraction at length {t + 1} needs an intermediate of {width:.3g} entries (more than "
-            f"{MAX_EXACT_WIDTH:.3g}): too large for this model, vocabulary and length. Use a shorter n_ctx "
-            f"for the comparison, or method='data' (a sampled estimate with a standard error).")
+            f"{MAX_EXACT_WIDTH:.3g}): too large for this model, vocabulary and length. "
+            + ("Try optimize='hyper' (qtoy similarity --optimize hyper: a path search of up to "
+               f"{HYPER_SECONDS:g} s that finds far narrower paths), " if optimize == "greedy" else "")
+            + "Use a shorter n_ctx for the comparison, or method='data' (a sampled estimate with a standard error).")
     return float(tree.contract(arrays, backend="numpy"))
 
 
@@ -272,7 +297,9 @@ def similarity(model_a: Any, model_b: Any, method: Literal["exact", "data"] = "e
     ``data`` options: ``batches`` (token tensors (B, >=T), (tokens, mask) pairs or Batches, e.g. a
     validation stream; default uniform random sequences), ``samples`` (sequences to use; 0 = every
     sequence of ``batches``), ``batch_size`` and ``seed`` for the random sequences. ``optimize``: the
-    cotengra path optimizer of ``exact``.
+    cotengra path optimizer of ``exact``: "greedy" (default, instant), "hyper" (a random search over
+    greedy paths, up to `HYPER_SECONDS` per network structure, once per process: narrower paths, so
+    larger vocabularies and lengths fit; see docs/dynamics.md), or any cotengra preset or optimizer.
     Raises `SimilarityError` for mismatched vocabularies or contexts, or ``exact`` on a model that
     is not polynomial.
     """

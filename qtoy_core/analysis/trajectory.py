@@ -6,24 +6,31 @@
 
 Every number comes from the functions `qtoy analyze` and `qtoy eval` use: copying scores from
 `spectrum(ov_circuit(...))`, K-composition and the weight-based induction score from
-`rank_head_pairs` / `induction_heads`, losses from `optimum.excess_loss`, similarity from
-`similarity`. Behaviour-based scores plug in through ``metrics`` (name -> function of the model),
-e.g. an induction-loss detector: ``trajectory(run, metrics={"induction (behaviour)": fn})``.
+`rank_head_pairs` / `induction_heads`, the behaviour-based induction score and the induction loss
+from the report's behaviour section (`report.behaviour_data` -> `detectors.detectors_report`: the
+heads' induction score on repeated random sequences, and `induction_loss`), losses from
+`optimum.excess_loss` (synthetic) or `evaluation.evaluate`, similarity from `similarity`. More
+scores plug in through ``metrics`` (name -> function of the model).
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from qtoy_registry import QtoyError
 
-__all__ = ["change_points", "checkpoint_models", "checkpoint_similarity", "plot_similarity", "plot_trajectory",
-           "trajectory", "validation_batches", "weight_metrics"]
+__all__ = ["BEHAVIOUR_KEYS", "behaviour_metrics", "change_points", "checkpoint_models", "checkpoint_similarity",
+           "plot_similarity", "plot_trajectory", "trajectory", "trajectory_panels", "validation_batches",
+           "weight_metrics"]
+
+#: The row keys `behaviour_metrics` fills (None where a model gives no value).
+BEHAVIOUR_KEYS = ("induction (behaviour)", "induction (behaviour) chance", "induction loss (first half)",
+                  "induction loss (second half)")
 
 
 def checkpoint_models(run: str | Path) -> list[tuple[dict, Any]]:
@@ -43,16 +50,11 @@ def validation_batches(run: str | Path, *, n_batches: int = 4, batch_size: int =
     """(a fixed list of validation Batches with document positions, the dataset) from the run's own
     dataset and tokenizer; every checkpoint is measured on the same batches."""
     from ..checkpoint import read_document
-    from ..data import StreamingTextDataset, build_dataset
-    from ..data.config import DataConfig
+    from ..data import StreamingTextDataset
+    from ..run_files import load_run_dataset
 
     doc = read_document(run)
-    data = DataConfig.model_validate(doc.get("data", {}))
-    ds = data.dataset.model_dump()
-    if (Path(run) / "tokenizer.json").exists():
-        ds["tokenizer"] = str(Path(run) / "tokenizer.json")
-    data = DataConfig.model_validate({**data.model_dump(), "dataset": ds})
-    source = build_dataset(data.dataset)
+    data, source = load_run_dataset(run)
     stream = StreamingTextDataset(source, split="validation", n_ctx=doc["model"]["n_ctx"], batch_size=batch_size,
                                   mode=data.mode, seed=doc.get("train", {}).get("seed", 0),
                                   shuffle_buffer=data.shuffle_buffer, tokenize_batch=data.tokenize_batch,
@@ -90,13 +92,42 @@ def weight_metrics(model: Any) -> dict[str, float]:
     return out
 
 
+@torch.no_grad()
+def behaviour_metrics(model: Any, tokenizer: Any = None, **detector_kwargs: Any) -> tuple[dict[str, float | None], list[str]]:
+    """Behaviour-based induction, as `qtoy analyze` scores it (`report.behaviour_data`, i.e.
+    `detectors_report` on repeated random sequences after the tokenizer's separator), and the notes
+    it gives: ``(values, notes)`` with the `BEHAVIOUR_KEYS`:
+
+    ``induction (behaviour)``: the best head's induction score (the share of its pattern's |mass| on
+      the token after an earlier copy of the current token; NaN heads left out); None when no layer
+      records a pattern (a note says which).
+    ``induction (behaviour) chance``: that head's score for a pattern spread evenly over the keys.
+    ``induction loss (first half)`` / ``(second half)``: `induction_loss` means; an induction circuit
+      at work makes the second half (predictable by copying) far lower than the first (random).
+    """
+    from .report import behaviour_data
+
+    data = behaviour_data(model, tokenizer, **detector_kwargs)
+    if data is None:  # a model without blocks
+        return dict.fromkeys(BEHAVIOUR_KEYS), ["the model has no blocks: no behaviour scores"]
+    scored = [h for h in data["heads"] if h["induction"] is not None]
+    best = max(scored, key=lambda h: h["induction"], default=None)
+    il = data["induction_loss"]
+    values = {"induction (behaviour)": None if best is None else best["induction"],
+              "induction (behaviour) chance": None if best is None else best["induction_uniform"],
+              "induction loss (first half)": il["first_half_mean"],
+              "induction loss (second half)": il["second_half_mean"]}
+    return values, list(data["notes"])
+
+
 def trajectory(run: str | Path, *, similarity_method: str = "data", n_batches: int = 4, batch_size: int = 16,
-               metrics: dict[str, Callable[[Any], float]] | None = None,
+               metrics: dict[str, Callable[[Any], float]] | None = None, behaviour: bool = True,
                models: list[tuple[dict, Any]] | None = None) -> list[dict[str, Any]]:
     """One row per saved checkpoint of ``run``: step, tokens, validation loss (and, on a corpus with
-    ground truth, entropy and excess loss overall and per label), `weight_metrics`, any extra
-    ``metrics``, and ``similarity to final`` (`similarity` with the last checkpoint: ``data`` on the
-    same validation sequences, or ``exact``)."""
+    ground truth, entropy and excess loss overall and per label), `weight_metrics`, with ``behaviour``
+    the `behaviour_metrics` (its notes under ``notes``), any extra ``metrics``, and ``similarity to
+    final`` (`similarity` with the last checkpoint: ``data`` on the same validation sequences, or ``exact``)."""
+    from ..evaluation import evaluate
     from .optimum import excess_loss
     from .similarity import similarity
 
@@ -104,6 +135,7 @@ def trajectory(run: str | Path, *, similarity_method: str = "data", n_batches: i
     batches, source = validation_batches(run, n_batches=n_batches, batch_size=batch_size)
     truth = getattr(source, "batch_ground_truth", None)
     labels = getattr(source, "LABELS", None) or ("fixed", "copyable", "free")
+    tokenizer = source.tokenizer()  # the separator the behaviour tokens start with, as in qtoy analyze
     final = models[-1][1]
     rows = []
     for entry, model in models:
@@ -114,8 +146,13 @@ def trajectory(run: str | Path, *, similarity_method: str = "data", n_batches: i
             for label, e in o["by_label"].items():
                 row[f"excess {label}"] = e["excess"]
         else:
-            row["loss"] = _plain_loss(model, batches)
+            row["loss"] = evaluate(model, batches, None).loss
         row.update(weight_metrics(model))
+        if behaviour:
+            values, notes = behaviour_metrics(model, tokenizer)
+            row.update(values)
+            if notes:
+                row["notes"] = notes
         for name, fn in (metrics or {}).items():
             row[name] = float(fn(model))
         sim = similarity(model, final, similarity_method, batches=batches if similarity_method == "data" else None,
@@ -126,25 +163,13 @@ def trajectory(run: str | Path, *, similarity_method: str = "data", n_batches: i
     return rows
 
 
-@torch.no_grad()
-def _plain_loss(model: Any, batches: Iterable) -> float:
-    from ..model import cross_entropy
-
-    total, count = 0.0, 0
-    for b in batches:
-        mask = b.attention_mask
-        logits = model(b.tokens[:, :-1], None if mask is None else mask[:, :-1])
-        n = int(mask[:, 1:].sum()) if mask is not None else b.tokens[:, 1:].numel()
-        total += cross_entropy(logits, b.tokens[:, 1:], None if mask is None else mask[:, 1:]).item() * n
-        count += n
-    return total / count
-
-
 def checkpoint_similarity(run: str | Path, *, method: str = "data", n_ctx: int | None = None,
                           positions: str = "last", n_batches: int = 4, batch_size: int = 16,
-                          models: list[tuple[dict, Any]] | None = None) -> tuple[np.ndarray, np.ndarray, list[int]]:
+                          models: list[tuple[dict, Any]] | None = None,
+                          optimize: Any = "greedy") -> tuple[np.ndarray, np.ndarray, list[int]]:
     """(values, stderrs, steps): `similarity_matrix` over the run's checkpoints (``data``: on the
-    run's validation sequences; ``exact``: uniform sequences of length ``n_ctx``)."""
+    run's validation sequences; ``exact``: uniform sequences of length ``n_ctx``, contraction paths
+    from ``optimize``)."""
     from .similarity import similarity_matrix
 
     models = checkpoint_models(run) if models is None else models
@@ -152,7 +177,7 @@ def checkpoint_similarity(run: str | Path, *, method: str = "data", n_ctx: int |
     if method == "data":
         batches, _ = validation_batches(run, n_batches=n_batches, batch_size=batch_size)
     values, errs = similarity_matrix([m for _, m in models], method, n_ctx=n_ctx, positions=positions,
-                                     batches=batches, samples=0)
+                                     batches=batches, samples=0, optimize=optimize)
     return values, errs, [e["step"] for e, _ in models]
 
 
@@ -200,31 +225,45 @@ def plot_similarity(values: np.ndarray, steps: list[int], out: str | Path, *, ti
     return out
 
 
+def trajectory_panels(rows: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
+    """The panels `plot_trajectory` draws, top to bottom: (y label, row keys drawn in it). A numeric
+    key no panel takes (a ``metrics`` entry) gets a panel of its own."""
+    keys = set().union(*rows) if rows else set()
+    panels = [
+        ("loss (nats)", sorted(k for k in keys if k in ("loss", "entropy") or k.startswith("excess"))),
+        ("copying score", sorted(k for k in keys if k.startswith("copying"))),
+        ("composition (above baseline)", sorted(k for k in keys if k.endswith("composition"))),
+        ("induction score", sorted(k for k in keys if k.startswith("induction ("))),
+        ("induction loss (nats,\nrepeated random tokens)", sorted(k for k in keys if k.startswith("induction loss"))),
+        ("similarity to final", ["similarity to final"] if "similarity to final" in keys else []),
+    ]
+    shown = set().union(*(ks for _, ks in panels)) | {"step", "tokens", "kind", "notes", "similarity to final stderr"}
+    for k in sorted(keys - shown):
+        if any(isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool) for r in rows):
+            panels.append((k, [k]))
+    return [(name, ks) for name, ks in panels if ks]
+
+
 def plot_trajectory(rows: list[dict[str, Any]], out: str | Path, *, title: str = "") -> Path:
     """One picture of when each circuit forms: loss / excess per label, copying and composition
-    scores, induction score(s), similarity to the final model; x = step (log scale)."""
+    scores, the induction scores (weight-based and behaviour-based, with the behaviour score's chance
+    level dashed), the induction loss (first vs second half of repeated random sequences), the
+    similarity to the final model, and one panel per extra metric; x = step (log scale)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     steps = [r["step"] for r in rows]
-    keys = set().union(*rows)
-    panels = [
-        ("loss (nats)", sorted(k for k in keys if k in ("loss", "entropy") or k.startswith("excess"))),
-        ("copying score", sorted(k for k in keys if k.startswith("copying"))),
-        ("composition (above baseline)", sorted(k for k in keys if k.endswith("composition"))),
-        ("induction score", sorted(k for k in keys if k.startswith("induction"))),
-        ("similarity to final", ["similarity to final"]),
-    ]
-    panels = [(name, ks) for name, ks in panels if ks]
+    panels = trajectory_panels(rows)
     fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.4 * len(panels)), sharex=True, constrained_layout=True,
                              squeeze=False)
     for ax, (name, ks) in zip(axes[:, 0], panels):
         for k in ks:
             y = [r.get(k, float("nan")) for r in rows]
             y = [float("nan") if v is None else v for v in y]
-            ax.plot(steps, y, "o-", ms=3, label=k)
+            style = dict(ls="--", color="grey", lw=1) if k.endswith("chance") else dict(marker="o", ms=3)
+            ax.plot(steps, y, label=k, **style)
             if k == "similarity to final":
                 err = [r.get("similarity to final stderr", 0.0) or 0.0 for r in rows]
                 ax.fill_between(steps, np.array(y) - 2 * np.array(err), np.array(y) + 2 * np.array(err), alpha=0.2)
