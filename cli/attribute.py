@@ -42,7 +42,10 @@ def _target_id(tok, model, target: str | None, target_id: int | None) -> int | N
               help="require (or skip) the exact path expansion; default: shown when the model allows it")
 @click.option("--top", type=click.IntRange(1, 200), default=12, show_default=True, help="paths shown")
 @click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="a tokenizer.json (default: the run's)")
-def attribute_command(run, text, position, target, target_id, out, json_out, paths, top, tokenizer) -> None:
+@click.option("--no-separator", is_flag=True,
+              help="do not put the end-of-text separator before the text (position 0 is then its first token)")
+def attribute_command(run, text, position, target, target_id, out, json_out, paths, top, tokenizer,
+                      no_separator) -> None:
     """Split the logit of one prediction of RUN on a text into the parts that wrote it: the direct
     path (token and position embeddings), each head of each layer, each MLP; exact for a model
     without norm (with RMSNorm the final scale is frozen and the page says approximate). For
@@ -58,7 +61,7 @@ def attribute_command(run, text, position, target, target_id, out, json_out, pat
     model, tok = _load(run, tokenizer, need_tokenizer=True)
     tid = _target_id(tok, model, target, target_id)
     view = attribution_view(model, tok, text, position=position, target=tid, paths=paths, top=top, run=run,
-                            title=None)
+                            title=None, prepend_separator=not no_separator)
     path = _write(out, view.html)
     d = view.data
     t = d["target"]

@@ -16,6 +16,11 @@ bilinear MLPs, for the composition and MLP sections. What it writes:
     attention.png       the attention viewer (`qtoy attention`) of a 2-layer attention-only run, a token
                         hovered with Playwright (pip install playwright; it drives the same Chromium)
     report-behaviour.png  that run's report section "Heads scored on behaviour"
+    attribution.png     `qtoy attribute` on that run: the answer of a repeated made-up name
+
+For the attention viewer and the attribution, pass the induction run of docs/analysis.md ("A
+circuit, tested") as --run-2l-attn: the hovered token is the second occurrence of a name, in the
+layer-1 head the behaviour detectors score highest for induction.
 """
 
 from __future__ import annotations
@@ -31,7 +36,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ATTENTION_TEXT = "Tom had a red ball. Tom gave the ball to Sue, and Sue gave the red ball back to Tom."
+# a made-up name, then the first piece of its second occurrence (" P"): an induction head attends to the
+# piece after the first " P" ("r") and the model predicts it
+ATTENTION_TEXT = "Once upon a time, a little fox named Prulvoox lived in a den near the river. One morning, P"
 MAX_BYTES = 1_000_000
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
@@ -185,16 +192,32 @@ def main() -> None:
     screenshot(loss, out / "loss.png", size=(1200, 900), fragment=f"#pin={pin}")
 
 
+def induction_head(run: Path) -> tuple[int, int]:
+    """(layer, head) of the layer-1+ head with the largest behaviour-based induction score."""
+    import torch
+
+    from qtoy_core.analysis import head_detectors
+    from qtoy_core.model import ToyTransformer
+
+    scores = head_detectors(ToyTransformer.from_pretrained(run).eval()).scores["induction"][1:]
+    layer, head = divmod(int(torch.nan_to_num(scores, nan=-1.0).argmax()), scores.shape[1])
+    return layer + 1, head
+
+
 def attention_shots(run3: Path, work: Path, out: Path) -> None:
-    # the attention viewer: a repeated name, hovered on its second occurrence, in layer 1 (induction candidates)
-    attention, report3 = work / "attention.html", work / "report-2L-attn.html"
+    # the attention viewer: a repeated name, hovered on its second occurrence, in the induction head
+    attention, report3, attribution = work / "attention.html", work / "report-2L-attn.html", work / "attribution.html"
     qtoy("attention", str(run3), "--text", ATTENTION_TEXT, "--out", str(attention))
     qtoy("analyze", str(run3), "--out", str(report3), "--top-k", "6", "--attention-text", ATTENTION_TEXT)
     page = attention.read_text(encoding="utf-8")
     n_tok = len(re.findall(r'class="tok" tabindex', page))
-    hover_screenshot(attention, out / "attention.png", size=(1200, 760), click='.head[data-layer="1"][data-head="0"]',
-                     hover=f'.tok[data-pos="{max(0, n_tok - 3)}"]')
+    layer, head = induction_head(run3)
+    hover_screenshot(attention, out / "attention.png", size=(1200, 760),
+                     click=f'.head[data-layer="{layer}"][data-head="{head}"]', hover=f'.tok[data-pos="{n_tok - 1}"]')
     screenshot(report3, out / "report-behaviour.png", size=(1200, 1150), css=only(["behaviour"], header=False))
+    # the exact attribution of the name's next piece after its second occurrence's first piece
+    qtoy("attribute", str(run3), "--text", ATTENTION_TEXT, "--target", "r", "--out", str(attribution))
+    screenshot(attribution, out / "attribution.png", size=(1200, 1100))
 
 
 if __name__ == "__main__":

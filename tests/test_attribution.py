@@ -424,7 +424,8 @@ def test_cli_attribute_writes_the_page_and_json(cli_runs, tmp_path, capsys):
     data = json.loads(js.read_text())
     tok = Tokenizer.from_file(cli_runs["quadratic"] + "/tokenizer.json")
     ids = tok.encode(CLI_TEXT)
-    assert data["target"]["id"] == tok.encode(" kite")[0] and data["position"] == len(ids) - 1
+    # the separator is put first, as training documents start (and as qtoy attention does)
+    assert data["target"]["id"] == tok.encode(" kite")[0] and data["position"] == len(ids)
     assert not data["approximate"] and data["paths"]["shown"] and data["paths"]["top"]
     assert data["sum_of_parts"] == pytest.approx(data["logit"], rel=1e-5, abs=1e-6)
     assert {p["label"] for p in data["parts"]} >= {"embed", "L0H0", "L0H1", "L1H0", "L1H1"}
@@ -434,6 +435,10 @@ def test_cli_attribute_writes_the_page_and_json(cli_runs, tmp_path, capsys):
     numbers = report_numbers(data)
     assert cells and all(c in numbers for c in cells)
     assert format_number(data["paths"]["top"][0]["value"]) in cells
+    code, _, err = _cli(capsys, "attribute", cli_runs["quadratic"], "--text", CLI_TEXT, "--target", " kite",
+                        "--no-separator", "--out", str(tmp_path / "n.html"), "--json", str(tmp_path / "n.json"))
+    assert code == 0, err
+    assert json.loads((tmp_path / "n.json").read_text())["position"] == len(ids) - 1
     # --json alone: JSON on standard output; default target: the model's top prediction
     code, stdout, err = _cli(capsys, "attribute", cli_runs["rmsnorm"], "--text", CLI_TEXT, "--out",
                              str(tmp_path / "b.html"), "--json")

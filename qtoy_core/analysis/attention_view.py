@@ -33,7 +33,7 @@ from typing import Any
 
 from qtoy_registry import QtoyError
 
-from .loss_view import FragmentPage, _pieces, visible
+from .loss_view import FragmentPage, _pieces, separator_token, visible
 
 __all__ = ["AttentionView", "AttentionViewError", "MAX_TOKENS", "SCALE_KINDS", "attention_view", "pattern_color"]
 
@@ -164,15 +164,7 @@ def attention_view(model: Any, tokenizer: Any, text: str, *, prepend_separator: 
     ids, pieces, _ = _pieces(tokenizer, text)
     if not ids:
         raise AttentionViewError("the text encodes to no tokens: give some text.")
-    sep = None
-    if prepend_separator:
-        for name in ("separator_id", "eos_id", "bos_id"):
-            try:
-                sep = getattr(tokenizer, name, None)
-            except Exception:  # noqa: BLE001 - separator_id raises when there is none
-                sep = None
-            if sep is not None:
-                break
+    sep = separator_token(tokenizer) if prepend_separator else None
     seq = ([int(sep)] if sep is not None else []) + [int(i) for i in ids]
     pieces = (["" ] if sep is not None else []) + list(pieces)
     limit = getattr(getattr(model, "positional", None), "max_positions", None)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from .attribution import AttributionError, logit_attribution, top_paths
-from .loss_view import visible
+from .loss_view import separator_token, visible
 from .report import _CSS, _PAGE_CSS, _esc, _note, _section, _td, format_number
 
 __all__ = ["ATTRIBUTION_FORMAT", "AttributionView", "attribution_data", "attribution_view", "render_attribution"]
@@ -43,8 +43,11 @@ def _decode(tokenizer: Any, i: int) -> str | None:
 @torch.no_grad()
 def attribution_data(model: Any, tokenizer: Any = None, text: str | None = None, *, tokens: Any = None,
                      position: int = -1, target: int | None = None, paths: bool | None = None,
-                     top: int = 12, run: str | None = None) -> dict:
+                     top: int = 12, run: str | None = None, prepend_separator: bool = True) -> dict:
     """Everything the page shows, as a JSON-able dict. Give ``text`` (with a tokenizer) or ``tokens``.
+    A text gets the tokenizer's separator put first (as documents are in training, and as the
+    attention and loss views do; position 0 is then the separator), unless ``prepend_separator`` is
+    False; ``tokens`` are taken as they are.
 
     paths: None (the path expansion when every head allows it, else a note), True (required: an
     `AttributionError` when a layer is not polynomial or has a norm in front), False (parts only)."""
@@ -52,6 +55,8 @@ def attribution_data(model: Any, tokenizer: Any = None, text: str | None = None,
         if text is None or tokenizer is None:
             raise AttributionError("give the text and a tokenizer, or the token ids (tokens=...).")
         ids = tokenizer.encode(text)
+        sep = separator_token(tokenizer) if prepend_separator and ids else None
+        ids = ([sep] if sep is not None else []) + list(ids)
     else:
         ids = [int(t) for t in torch.as_tensor(tokens).flatten().tolist()]
     if not ids:

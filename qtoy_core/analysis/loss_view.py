@@ -85,6 +85,19 @@ class TokenLoss:
 
 
 # ------------------------------------------------------------------------------------- computing
+def separator_token(tokenizer: Any) -> int | None:
+    """The token a training document starts after (the separator; else eos, else bos), or None: the
+    views put it before a text so its first token is read as in training."""
+    for name in ("separator_id", "eos_id", "bos_id"):
+        try:
+            sep = getattr(tokenizer, name, None)
+        except Exception:  # noqa: BLE001 - separator_id raises when there is none
+            sep = None
+        if sep is not None:
+            return int(sep)
+    return None
+
+
 def _pieces(tokenizer: Any, text: str) -> tuple[list[int], list[str], str]:
     """Token ids and the piece of (normalised) text each one covers.
 
@@ -130,15 +143,7 @@ def token_losses(model: Any, tokenizer: Any, text: str, *, top: int = 5,
     ids, pieces, _ = _pieces(tokenizer, text)
     if not ids:
         raise ValueError("the text encodes to no tokens; give some text")
-    sep = None
-    if prepend_separator:
-        for name in ("separator_id", "eos_id", "bos_id"):
-            try:
-                sep = getattr(tokenizer, name, None)
-            except Exception:  # noqa: BLE001 - separator_id raises when there is none
-                sep = None
-            if sep is not None:
-                break
+    sep = separator_token(tokenizer) if prepend_separator else None
     seq = ([int(sep)] if sep is not None else []) + ids
     shift = len(seq) - len(ids)  # 1 with a separator
     n_ctx = int(getattr(getattr(model, "config", None), "n_ctx", 0) or len(seq))
