@@ -125,21 +125,22 @@ def dynamics_command(run, out, json_out, n_batches, method, no_behaviour) -> Non
 
       qtoy dynamics runs/x
     """
-    from qtoy_core.analysis.trajectory import plot_trajectory, trajectory
+    from qtoy_core.analysis.trajectory import FORMATION_KEYS, formation_step, plot_trajectory, trajectory
 
     rows = trajectory(run, similarity_method=method, n_batches=n_batches, behaviour=not no_behaviour)
     json_path = Path(json_out or Path(run) / "dynamics.json")
     json_path.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
     png = plot_trajectory(rows, out or Path(run) / "dynamics.png", title=f"{Path(run).name}: training dynamics")
     click.echo(f"{json_path}\n{png}")
-    for key in ("induction (weights)", "induction (behaviour)"):
+    for key in FORMATION_KEYS:
         if not rows or rows[-1].get(key) is None:
             continue
         final = rows[-1][key]
-        formed = next((r["step"] for r in rows if final > 0 and r.get(key) is not None and r[key] >= 0.5 * final), None)
         chance = rows[-1].get(f"{key} chance")
-        click.echo(f"{key}: {final:.3f} at the end{'' if chance is None else f' (chance {chance:.3f})'}; half of it "
-                   f"first reached at step {formed}")
+        formed = formation_step(rows, key)
+        click.echo(f"{key}: {final:.3f} at the end{'' if chance is None else f' (chance {chance:.3f})'}; "
+                   + ("no rise above its baseline" if formed is None else
+                      f"at or above half of its rise{'' if chance is None else ' above chance'} from step {formed} on"))
     last = rows[-1] if rows else {}
     if last.get("induction loss (second half)") is not None:
         click.echo(f"induction loss: {last['induction loss (second half)']:.3f} nats on the repeated half vs "

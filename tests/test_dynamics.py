@@ -15,7 +15,8 @@ from click.testing import CliRunner
 
 import qtoy_core
 from qtoy_core.analysis import model_weights, qk_matrix
-from qtoy_core.analysis.trajectory import BEHAVIOUR_KEYS, behaviour_metrics, change_points, trajectory_panels
+from qtoy_core.analysis.trajectory import (BEHAVIOUR_KEYS, behaviour_metrics, change_points, formation_step,
+                                          trajectory_panels)
 from qtoy_plugins.callbacks.dynamics import Dynamics, circuit_spectra
 
 HELPERS = Path(__file__).parent / "helpers"
@@ -153,6 +154,21 @@ def test_the_induction_panel_shows_both_scores_and_extra_metrics_get_a_panel():
     assert [ks for name, ks in panels.items() if name.startswith("induction loss")] == [
         ["induction loss (first half)", "induction loss (second half)"]]
     assert panels["my probe"] == ["my probe"] and "notes" not in panels and "loss (nats)" in panels
+
+
+def test_formation_step_is_where_the_score_stays_above_half_its_rise_above_chance():
+    # the docs' induction-2L run (dynamics.json, rounded): the behaviour score wobbles around its
+    # chance level (0.023) for 1500 steps, so "half of the final value first reached" said step 1
+    steps = [1, 32, 250, 1000, 1500, 1750, 2000, 2250, 2500, 3000]
+    weights = [0.0, 0.001, 0.010, 0.005, 0.005, 0.028, 0.047, 0.058, 0.065, 0.067]
+    behaviour = [0.028, 0.030, 0.026, 0.024, 0.022, 0.024, 0.027, 0.030, 0.031, 0.035]
+    rows = [{"step": s, "induction (weights)": w, "induction (behaviour)": b, "induction (behaviour) chance": 0.023}
+            for s, w, b in zip(steps, weights, behaviour)]
+    assert formation_step(rows, "induction (weights)") == 2000  # 0.028 < 0.0335 <= 0.047
+    # rise above chance: 0.012 at the end, half 0.006; 0.030 at step 32 and 0.027 at 2000 do not stay
+    assert formation_step(rows, "induction (behaviour)") == 2250
+    assert formation_step([dict(r, **{"induction (behaviour)": 0.02}) for r in rows], "induction (behaviour)") is None
+    assert formation_step(rows, "my probe") is None
 
 
 def test_callback_records_and_draws_its_own_plot_panels(tmp_path):

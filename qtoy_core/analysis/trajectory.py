@@ -24,9 +24,9 @@ import torch
 
 from qtoy_registry import QtoyError
 
-__all__ = ["BEHAVIOUR_KEYS", "behaviour_metrics", "change_points", "checkpoint_models", "checkpoint_similarity",
-           "plot_similarity", "plot_trajectory", "trajectory", "trajectory_panels", "validation_batches",
-           "weight_metrics"]
+__all__ = ["BEHAVIOUR_KEYS", "FORMATION_KEYS", "behaviour_metrics", "change_points", "checkpoint_models",
+           "checkpoint_similarity", "formation_step", "plot_similarity", "plot_trajectory", "trajectory",
+           "trajectory_panels", "validation_batches", "weight_metrics"]
 
 #: The row keys `behaviour_metrics` fills (None where a model gives no value).
 BEHAVIOUR_KEYS = ("induction (behaviour)", "induction (behaviour) chance", "induction loss (first half)",
@@ -244,6 +244,37 @@ def trajectory_panels(rows: list[dict[str, Any]]) -> list[tuple[str, list[str]]]
     return [(name, ks) for name, ks in panels if ks]
 
 
+def formation_step(rows: list[dict[str, Any]], key: str) -> int | None:
+    """The step at which metric ``key`` formed: the first checkpoint from which it stays at or above
+    half of its final rise, the rise measured above the row's ``"{key} chance"`` where it has one (a
+    behaviour score starts at its chance level, not at 0). None when the final value does not rise
+    above that baseline, or no row has the key.
+
+    "Stays" (not "first reaches") because a score wobbling at its baseline before the circuit forms
+    would otherwise be reported as formed at step 1."""
+    scored = [r for r in rows if r.get(key) is not None]
+    if not scored:
+        return None
+
+    def rise(r: dict[str, Any]) -> float:
+        return float(r[key]) - float(r.get(f"{key} chance") or 0.0)
+
+    half = 0.5 * rise(scored[-1])
+    if not half > 0:
+        return None
+    formed = None
+    for r in scored:
+        if rise(r) >= half:
+            formed = r["step"] if formed is None else formed
+        else:
+            formed = None
+    return formed
+
+
+#: The metrics whose formation step `plot_trajectory` marks (and `qtoy dynamics` prints).
+FORMATION_KEYS = ("induction (weights)", "induction (behaviour)")
+
+
 def plot_trajectory(rows: list[dict[str, Any]], out: str | Path, *, title: str = "") -> Path:
     """One picture of when each circuit forms: loss / excess per label, copying and composition
     scores, the induction scores (weight-based and behaviour-based, with the behaviour score's chance
@@ -270,6 +301,17 @@ def plot_trajectory(rows: list[dict[str, Any]], out: str | Path, *, title: str =
         ax.set_ylabel(name, fontsize="small")
         ax.legend(fontsize="x-small", loc="best")
         ax.grid(alpha=0.3)
+    # The step each induction score formed at, as a vertical line through every panel (labelled in the
+    # induction panel), so the other rows can be read at that step.
+    formed = [(k, formation_step(rows, k)) for k in FORMATION_KEYS]
+    formed = [(k, s) for k, s in formed if s is not None]
+    for i, (k, s) in enumerate(formed):
+        for ax, (name, ks) in zip(axes[:, 0], panels):
+            ax.axvline(s, color=("tab:red", "tab:purple")[i % 2], ls=":", lw=1.2)
+            if k in ks:
+                ax.annotate(f"{k} formed: step {s}", xy=(s, 1.0), xycoords=("data", "axes fraction"),
+                            xytext=(-4, -4 - 11 * i), textcoords="offset points", ha="right", va="top",
+                            fontsize="x-small", color=("tab:red", "tab:purple")[i % 2])
     ax = axes[-1, 0]
     ax.set_xscale("log")
     ax.set_xlabel("step (log scale)")
