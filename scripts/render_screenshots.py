@@ -194,14 +194,11 @@ def main() -> None:
 
 def induction_head(run: Path) -> tuple[int, int]:
     """(layer, head) of the layer-1+ head with the largest behaviour-based induction score."""
-    import torch
-
     from qtoy_core.analysis import head_detectors
     from qtoy_core.model import ToyTransformer
 
-    scores = head_detectors(ToyTransformer.from_pretrained(run).eval()).scores["induction"][1:]
-    layer, head = divmod(int(torch.nan_to_num(scores, nan=-1.0).argmax()), scores.shape[1])
-    return layer + 1, head
+    det = head_detectors(ToyTransformer.from_pretrained(run).eval())
+    return next((l, h) for l, h, _ in det.top("induction", n=det.scores["induction"].numel()) if l >= 1)
 
 
 def attention_shots(run3: Path, work: Path, out: Path) -> None:

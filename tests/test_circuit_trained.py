@@ -39,9 +39,8 @@ def induction_head(trained):
     """(layer, head) of the behaviour detectors' best induction head in a layer that can compose."""
     model, _, _ = trained
     det = head_detectors(model)
-    scores = det.scores["induction"][1:]
-    layer, head = divmod(int(torch.nan_to_num(scores, nan=-1.0).argmax()), model.config.n_head)
-    return layer + 1, head, det
+    layer, head = next((l, h) for l, h, _ in det.top("induction", n=det.scores["induction"].numel()) if l >= 1)
+    return layer, head, det
 
 
 def _labelled_stories(dataset, tokenizer, n_ctx: int):
